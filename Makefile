@@ -1,0 +1,25 @@
+# The two commands a new user runs (see README): `make test` and `make demo`.
+# Both create .venv on first use and install the project with its test extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,analysis]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@test -f effopd_jax/demo.py || { echo "make demo: the demo job is not there yet (it lands with the 'main job' issue)."; exit 2; }
+	$(PY) -m effopd_jax.demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
