@@ -14,3 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Share compiled programs between tests (and between the processes some tests start): the
+# trainer tests build several identical runs, and compiling dominates their time on CPU.
+_CACHE_DIR = os.environ.setdefault(
+    "EFFOPD_TEST_XLA_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "xla")
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)  # inherited by subprocesses
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,35 @@
+"""The paper's standard OPD run with EffOPD on (spec §2, `run_qwen3-4b-g-opd.sh:17-78`).
+
+Student Qwen/Qwen3-1.7B, teacher the Qwen3-4B math model, lr 1e-6, 1024 prompts per step,
+one rollout each, responses up to 16k tokens, AdamW (0.9, 0.999, wd 0.01), clip 1.0, constant
+LR; EffOPD scores candidates by sampled accuracy (T=1) on a small validation set at steps
+1, 2, 4, 8, ...
+
+Model and data paths are the user's: set them on the command line, e.g.
+    python -m effopd_jax.train --config=configs/qwen3_1p7b_opd_effopd.py --workdir=gs://bucket/run \
+      --config.student.path=/ckpt/Qwen3-1.7B --config.teacher.path=/ckpt/Qwen3-4B-Non-Thinking-RL-Math \
+      --config.data.train_files='("/data/DeepMath-103K/train_filtered_level6.parquet",)' \
+      --config.data.eval_files='("/data/aime24.parquet","/data/aime25.parquet")' \
+      --config.effopd.val_files='("/data/effopd_val.parquet",)'
+The verl Parquet layout (chat-list `prompt`, `reward_model.ground_truth`) is read as is.
+"""
+
+from effopd_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.seed = 42
+    c.total_steps = 300  # the authors run len(dataloader) * 3 epochs; set to your data size
+    c.checkpoint_every = 50
+    c.eval_every = 10
+    c.student.update(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
+    c.teacher.update(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True)
+    c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
+    c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
+    c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)
+    c.optimizer.update(learning_rate=1e-6, schedule="constant", weight_decay=0.01, grad_clip=1.0)
+    c.effopd.update(enabled=True, max_candidates=5, trigger="pow2", val_max_prompts=128)
+    c.eval.update(samples_per_prompt=32, temperature=1.0)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c

@@ -1,0 +1,208 @@
+"""End-to-end tests of the OPD trainer on CPU (tiny random Qwen3 models, real Qwen3 tokenizer).
+
+The models use Qwen3's real 151,936-token vocabulary and the prompts are the bundled GSM8K
+problems through the official Qwen3 chat template, so these runs also cover the real-vocabulary
+path. Compiled programs are shared between runs through JAX's persistent compilation cache
+(tests/conftest.py), which keeps the resume and sharding comparisons affordable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from effopd_jax import train
+from effopd_jax.metrics import read_metrics
+from effopd_jax.tiny import GSM8K_FILE, ensure_random_checkpoint, tiny_qwen3_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    student = ensure_random_checkpoint(str(root / "student"), tiny_qwen3_config(hidden_size=32), seed=1)
+    teacher = ensure_random_checkpoint(str(root / "teacher"), tiny_qwen3_config(hidden_size=64), seed=2)
+    return student, teacher
+
+
+def small_config(models, **overrides):
+    """configs/tiny_cpu.py shrunk further: 8 prompts x 8 new tokens per step."""
+    from effopd_jax.config import default_config
+
+    student, teacher = models
+    c = default_config()
+    c.total_steps = 3
+    c.checkpoint_every = 1
+    c.export_hf = False
+    c.student.update(path=student, param_dtype="float32", compute_dtype="float32")
+    c.teacher.update(path=teacher, param_dtype="float32", compute_dtype="float32")
+    c.data.update(train_files=(GSM8K_FILE,), prompts_per_step=8, max_prompt_length=192)
+    c.rollout.update(max_new_tokens=8, temperature=1.0)
+    c.loss.update(chunk_size=8)
+    c.optimizer.update(learning_rate=1e-3)
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return c
+
+
+def run(config, workdir, devices=None):
+    trainer = train.Trainer(config, str(workdir), devices=devices, log=lambda *a, **k: None)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return [r for r in read_metrics(str(workdir)) if r.get("kind") != "eval"]
+
+
+def test_three_steps_end_to_end_with_effopd_and_eval(models, tmp_path):
+    config = small_config(
+        models,
+        **{
+            "effopd.enabled": True,
+            "effopd.val_files": (GSM8K_FILE,),
+            "effopd.val_max_prompts": 8,
+            "data.eval_files": (GSM8K_FILE,),
+            "data.max_eval_prompts": 8,
+            "export_hf": True,
+        },
+    )
+    records = run(config, tmp_path, devices=jax.devices()[:1])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("loss", "reverse_kl", "grad_norm", "response_length", "tokens_per_second",
+                    "rollout_seconds", "teacher_seconds", "update_seconds", "learning_rate"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
+        assert 0 < r["response_length"] <= 8
+        # Sampled-token loss value: -mean(A) with A = T - s (seq-mean-token-mean), i.e. the sampled KL.
+        assert r["loss"] == pytest.approx(r["reverse_kl"], rel=1e-4, abs=1e-6)
+    # EffOPD searched at updates 1 and 2 (powers of two), not at 3.
+    assert [bool(r.get("effopd/searched")) for r in records] == [True, True, False]
+    assert all(r["effopd/accepted_multiplier"] in (1.0, 3.0, 5.0, 7.0, 9.0, 11.0) for r in records[:2])
+    evals = [r for r in read_metrics(str(tmp_path)) if r.get("kind") == "eval"]
+    assert evals and 0.0 <= evals[-1]["eval/mean_at_n"] <= 1.0
+    # The exported student loads through transformers' config and our loader.
+    assert os.path.exists(tmp_path / "hf" / "config.json")
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_resume_matches_uninterrupted(models, tmp_path):
+    full = run(small_config(models, total_steps=4), tmp_path / "full", devices=jax.devices()[:1])
+    run(small_config(models, total_steps=2), tmp_path / "cut", devices=jax.devices()[:1])
+    resumed = run(small_config(models, total_steps=4), tmp_path / "cut", devices=jax.devices()[:1])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # one line per step, none duplicated
+    for a, b in zip(full[2:], resumed[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["response_length"] == b["response_length"]
+
+
+def test_one_device_equals_eight_devices(models, tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    one = run(small_config(models), tmp_path / "one", devices=jax.devices()[:1])
+    eight = run(
+        small_config(models, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), tmp_path / "eight"
+    )
+    for a, b in zip(one, eight):
+        assert a["response_length"] == b["response_length"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def _cli(args, env_extra=None, timeout=600):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "effopd_jax.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def _write_config(path, models, **overrides):
+    """A config file for the CLI that builds small_config()."""
+    student, teacher = models
+    path.write_text(
+        "from tests.test_train import small_config\n"
+        f"def get_config():\n    return small_config(({student!r}, {teacher!r}), **{overrides!r})\n"
+    )
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(models, tmp_path):
+    """2 processes x 4 CPU devices (loopback coordinator, gloo) == 1 process x 8 devices."""
+    config_file = _write_config(tmp_path / "cfg.py", models, total_steps=2, **{"mesh.data": 8})
+    single = _cli([f"--config={config_file}", f"--workdir={tmp_path / 'single'}"],
+                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO})
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = 23456 + os.getpid() % 1000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "effopd_jax.train", f"--config={config_file}", f"--workdir={tmp_path / 'multi'}"],
+            cwd=REPO,
+            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=REPO,
+                     EFFOPD_COORDINATOR=f"127.0.0.1:{port}", EFFOPD_NUM_PROCESSES="2", EFFOPD_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    a = read_metrics(str(tmp_path / "single"))
+    b = read_metrics(str(tmp_path / "multi"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input is refused before anything compiles, with a message naming the field.
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.train_files": ("/nonexistent/train.jsonl",)}, "config.data.train_files"),
+        ({"teacher.path": "/nonexistent/teacher"}, "config.teacher.path"),
+        ({"mesh.data": 3}, "config.mesh"),
+        ({"data.prompts_per_step": 3}, "not divisible by the mesh's batch shards"),
+        ({"data.max_prompt_length": 4}, "longer than max_prompt_length=4"),
+        ({"rollout.top_p": 1.5}, "config.rollout.top_p"),
+        ({"optimizer.learning_rate": -1.0}, "config.optimizer.learning_rate"),
+        ({"loss.name": "forward_kl"}, "config.loss.name"),
+    ],
+)
+def test_bad_input_is_refused(models, tmp_path, overrides, message):
+    config = small_config(models, **overrides)
+    with pytest.raises(ValueError, match=message):
+        train.Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+
+
+def test_teacher_with_smaller_vocabulary_is_refused(models, tmp_path):
+    small_teacher = ensure_random_checkpoint(
+        str(tmp_path / "small_teacher"), tiny_qwen3_config(vocab_size=1000), seed=3
+    )
+    config = small_config(models, **{"teacher.path": small_teacher})
+    with pytest.raises(ValueError, match="cannot score the student's tokens"):
+        train.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+
+
+def test_unknown_config_key_is_refused(models, tmp_path):
+    config_file = _write_config(tmp_path / "cfg.py", models)
+    result = _cli([f"--config={config_file}", f"--workdir={tmp_path / 'w'}", "--config.optimizer.learnig_rate=1"],
+                  {"PYTHONPATH": REPO}, timeout=120)
+    assert result.returncode != 0
+    assert "learnig_rate" in result.stderr
