@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -54,8 +53,9 @@ from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import config as config_lib
 from effopd_jax import convert, data, grading, losses, sampling
 from effopd_jax import metrics as metrics_lib
+from effopd_jax import monitor as monitor_lib
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.effopd import EffOPDSearchReport, effopd, effopd_host_search, effopd_search_due
+from effopd_jax.effopd import effopd, effopd_host_search, effopd_search_due
 from effopd_jax.models.qwen import Qwen, QwenConfig, lm_head_weight
 
 PyTree = Any
@@ -453,6 +453,15 @@ class Trainer:
         )
         self.teacher_head = lm_head_weight(self.teacher_config, self.teacher_params) if needs_hidden else None
 
+        # The foresight monitor keeps W_0 = the initial student (taken before any resume).
+        self.monitor = None
+        if config.monitor.every > 0:
+            self.monitor = monitor_lib.Monitor(
+                monitor_lib.MonitorConfig(k=config.monitor.k, every=config.monitor.every, per_layer=False),
+                self.state.params,
+                seed=config.seed,
+            )
+
         # Checkpoints, data iterator, metrics; resume when the workdir has a checkpoint.
         self.checkpointer = checkpoint_lib.RunCheckpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints
@@ -725,6 +734,10 @@ class Trainer:
         for step in range(self.start_step + 1, cfg.total_steps + 1):
             record = self.train_one_step()
             elapsed = self.elapsed_before + time.perf_counter() - t_start
+            if self.monitor is not None and self.monitor.should_run(step):
+                t_monitor = time.perf_counter()
+                record.update(self.monitor.run(step, self.state.params))
+                record["monitor_seconds"] = time.perf_counter() - t_monitor
             record["elapsed_seconds"] = elapsed
             self.metrics.write(record)
             last = record

@@ -1,0 +1,719 @@
+"""Qwen2 / Qwen2.5 / Qwen3 dense decoders in Flax Linen, with a static KV cache.
+
+The network is the Hugging Face `Qwen2ForCausalLM` / `Qwen3ForCausalLM` computation:
+
+    h_0 = embed_tokens[input_ids]
+    for each layer:
+        a   = Attention(RMSNorm(h))            # GQA, RoPE, optional q/k/v bias, Qwen3 q/k norm
+        h   = h + a
+        h   = h + MLP(RMSNorm(h))              # SwiGLU: down(silu(gate(x)) * up(x))
+    logits = RMSNorm(h) @ lm_head_weight        # lm_head/kernel, or embed_tokens.T when tied
+
+Parameter names and layouts follow docs/architecture.md: every kernel is stored `[in, out]`
+(the transpose of the HF `weight`), layer `i` lives under `layers_{i}/...`, or under `layers/...`
+with a leading `[num_layers]` axis when `scan_layers=True`.
+
+Dtype policy: parameters are stored in `config.param_dtype`; every matmul runs in
+`config.dtype` (the compute dtype); RMSNorm statistics, RoPE rotation and the attention softmax
+are computed in float32 (as HF does); logits are always float32.
+
+Sharding: every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
+activations are constrained with `nn.with_logical_constraint`; `effopd_jax.sharding` maps the
+names onto the mesh axes `data`, `fsdp`, `tensor`. Outside a `sharding.sharding_context` the
+constraints are no-ops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Fields of a HF config.json that announce a mixture-of-experts model.
+_MOE_FIELDS = ("num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok")
+
+
+class UnsupportedConfigError(ValueError):
+    """A Hugging Face config asks for a feature this implementation does not have.
+
+    Raised for unknown `model_type`s (including the MoE variants), `use_sliding_window: true`,
+    `rope_scaling` / `rope_parameters` types other than the default, non-SiLU activations and
+    MoE fields. The message names the offending field.
+    """
+
+
+def _canonical_dtype(value: DType, field: str) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as e:
+        raise ValueError(f"QwenConfig.{field}: {value!r} is not a dtype") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"QwenConfig.{field} must be a floating dtype, got {dtype}")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    """Architecture of a Qwen2/2.5/3 dense decoder plus runtime options.
+
+    Architecture fields use the Hugging Face names. The structural flags `qkv_bias`,
+    `o_proj_bias` and `qk_norm` are derived from the HF `model_type` by `from_hf`:
+    qwen2 -> (True, False, False); qwen3 -> (attention_bias, attention_bias, True).
+
+    Runtime fields (not part of the checkpoint): `param_dtype` (storage dtype of parameters),
+    `dtype` (compute dtype), `scan_layers` (layers under `nn.scan`, params under `layers/` with a
+    leading layer axis), `remat` (activation checkpointing policy, one of `REMAT_POLICIES`).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    qk_norm: bool = True
+    model_type: str = "qwen3"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Runtime options.
+    param_dtype: DType = jnp.float32
+    dtype: DType = jnp.bfloat16
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
+        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype, "dtype"))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"QwenConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"QwenConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"QwenConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"QwenConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedConfigError(
+                f"QwenConfig.model_type {self.model_type!r} is not supported "
+                f"(supported: {SUPPORTED_MODEL_TYPES})")
+
+    # ----------------------------------------------------------------------------------------
+    # Hugging Face config.json <-> QwenConfig
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "QwenConfig":
+        """Builds a config from a HF `config.json` (a model directory, the file, or its dict).
+
+        `overrides` set any field afterwards (typically the runtime options `dtype`,
+        `param_dtype`, `scan_layers`, `remat`).
+
+        Raises:
+          UnsupportedConfigError: `model_type` not qwen2/qwen3 (MoE variants included), MoE
+            fields, `use_sliding_window: true` or sliding layers in `layer_types`, a
+            `rope_scaling` / `rope_parameters.rope_type` other than default, `hidden_act` not silu.
+          ValueError: a required field is missing.
+        """
+        hf = _read_hf_config(path_or_dict)
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            hint = " (mixture-of-experts models are not implemented)" if "moe" in str(model_type) else ""
+            raise UnsupportedConfigError(
+                f"config field model_type={model_type!r} is not supported{hint}; "
+                f"supported: {SUPPORTED_MODEL_TYPES}")
+        for field in _MOE_FIELDS:
+            if hf.get(field):
+                raise UnsupportedConfigError(
+                    f"config field {field}={hf[field]!r}: mixture-of-experts is not implemented")
+        if hf.get("use_sliding_window", False):
+            raise UnsupportedConfigError(
+                "config field use_sliding_window=true: sliding-window attention is not implemented")
+        layer_types = hf.get("layer_types")
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            raise UnsupportedConfigError(
+                f"config field layer_types={layer_types!r}: only 'full_attention' layers are "
+                "implemented")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedConfigError(
+                f"config field hidden_act={hf['hidden_act']!r}: only 'silu' is implemented")
+        if hf.get("attention_dropout", 0.0):
+            raise UnsupportedConfigError(
+                f"config field attention_dropout={hf['attention_dropout']!r}: dropout is not "
+                "implemented")
+        rope_theta = _rope_theta(hf)
+
+        def required(name: str) -> Any:
+            if name not in hf:
+                raise ValueError(f"config.json is missing the required field {name!r}")
+            return hf[name]
+
+        hidden = int(required("hidden_size"))
+        heads = int(required("num_attention_heads"))
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        if model_type == "qwen3":
+            # Qwen3Config's class default is 128 and LlamaAttention reads it as is.
+            head_dim = int(hf.get("head_dim") or 128)
+            attention_bias = bool(hf.get("attention_bias", False))
+            qkv_bias, o_proj_bias, qk_norm = attention_bias, attention_bias, True
+        else:
+            if hf.get("head_dim"):
+                head_dim = int(hf["head_dim"])
+            elif hidden % heads:
+                raise ValueError(
+                    f"config: hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                    "and head_dim is not given")
+            else:
+                head_dim = hidden // heads
+            # transformers' Qwen2Attention always has q/k/v biases and no o_proj bias.
+            qkv_bias, o_proj_bias, qk_norm = True, False, False
+        fields = dict(
+            vocab_size=int(required("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(required("intermediate_size")),
+            num_hidden_layers=int(required("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rope_theta=rope_theta,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_proj_bias=o_proj_bias,
+            qk_norm=qk_norm,
+            model_type=model_type,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (without the `dtype` entry, which `convert.save_hf` adds).
+
+        Raises:
+          UnsupportedConfigError: the structural flags cannot be expressed by this `model_type`
+            (qwen2 needs qkv_bias and no o_proj_bias / qk_norm; qwen3 needs qk_norm and
+            qkv_bias == o_proj_bias).
+        """
+        if self.model_type == "qwen2":
+            if not self.qkv_bias or self.o_proj_bias or self.qk_norm:
+                raise UnsupportedConfigError(
+                    "model_type 'qwen2' implies qkv_bias=True, o_proj_bias=False, qk_norm=False; "
+                    f"got qkv_bias={self.qkv_bias}, o_proj_bias={self.o_proj_bias}, "
+                    f"qk_norm={self.qk_norm}")
+            architecture = "Qwen2ForCausalLM"
+        else:
+            if not self.qk_norm or self.qkv_bias != self.o_proj_bias:
+                raise UnsupportedConfigError(
+                    "model_type 'qwen3' implies qk_norm=True and qkv_bias == o_proj_bias "
+                    f"(attention_bias); got qk_norm={self.qk_norm}, qkv_bias={self.qkv_bias}, "
+                    f"o_proj_bias={self.o_proj_bias}")
+            architecture = "Qwen3ForCausalLM"
+        hf = {
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            # Both spellings: transformers>=5 reads rope_parameters, older readers rope_theta.
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_scaling": None,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                            else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "qwen3":
+            hf["attention_bias"] = self.qkv_bias
+        return hf
+
+    # ----------------------------------------------------------------------------------------
+    # Plain JSON (orbax checkpoints store the config next to the params)
+    # ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as JSON-serialisable values (dtypes by name)."""
+        out = dataclasses.asdict(self)
+        out["param_dtype"] = jnp.dtype(self.param_dtype).name
+        out["dtype"] = jnp.dtype(self.dtype).name
+        if isinstance(self.eos_token_id, tuple):
+            out["eos_token_id"] = list(self.eos_token_id)
+        return out
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any], **overrides) -> "QwenConfig":
+        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"QwenConfig.from_dict: unknown fields {unknown}")
+        return cls(**{**fields, **overrides})
+
+
+def _read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict)
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no HF config.json at {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+    """RoPE base from either `rope_parameters` (transformers>=5) or `rope_theta`/`rope_scaling`."""
+    rope_parameters = hf.get("rope_parameters")
+    if rope_parameters is not None:
+        rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedConfigError(
+                f"config field rope_parameters.rope_type={rope_type!r}: only 'default' RoPE is "
+                "implemented")
+    rope_scaling = hf.get("rope_scaling")
+    if rope_scaling is not None:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        if rope_type != "default":
+            raise UnsupportedConfigError(
+                f"config field rope_scaling.type={rope_type!r}: only default RoPE (no scaling) is "
+                "implemented")
+    if rope_parameters is not None and "rope_theta" in rope_parameters:
+        return float(rope_parameters["rope_theta"])
+    # transformers' default when a config names no base.
+    return float(hf.get("rope_theta", 10000.0))
+
+
+# ============================================================================================
+# KV cache
+# ============================================================================================
+class KVCache(NamedTuple):
+    """Static-shape key/value cache for all layers.
+
+    k, v:  [layers, batch, max_len, kv_heads, head_dim] keys (after RoPE) and values.
+    index: int32 scalar, the next slot to write; slots `[0, index)` are filled.
+    """
+
+    k: Array
+    v: Array
+    index: Array
+
+
+def init_cache(config: QwenConfig, batch: int, max_len: int, dtype: DType = jnp.bfloat16) -> KVCache:
+    """An empty cache: zeros of `[layers, batch, max_len, kv_heads, head_dim]`, index 0."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   index=jnp.zeros((), jnp.int32))
+
+
+# ============================================================================================
+# Layers
+# ============================================================================================
+def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias); kernel `[in, out]`, computed in `dtype`."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    use_bias: bool
+    dtype: DType
+    param_dtype: DType
+    init_std: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
+            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
+                (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """scale * x / sqrt(mean(x^2, -1) + eps), statistics in float32 (as HF), result in `dtype`."""
+
+    eps: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos, sin tables `[batch, seq, head_dim]` (float32) for integer `positions [batch, seq]`.
+
+    inv_freq_j = theta^(-2j / head_dim), j < head_dim/2; angle = position * inv_freq, duplicated
+    over both halves (HF's `cat((freqs, freqs))` layout).
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `x [batch, seq, heads, head_dim]` with HF's rotate_half convention:
+    x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]; computed in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, dtype: DType) -> Array:
+    """Grouped-query softmax attention.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, q_len, kv_len] bool (True = may attend). Query head h reads kv head
+    h // (heads / kv_heads) (HF's repeat_kv). Scores and softmax in float32; fully masked rows
+    give a uniform (finite) distribution, never NaN. Returns [batch, q_len, heads, head_dim].
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Self-attention: q/k/v projections (+ bias if `qkv_bias`), Qwen3 per-head q/k RMSNorm,
+    RoPE, GQA softmax attention, o_proj (+ bias if `o_proj_bias`: only a Qwen3 checkpoint with
+    `attention_bias: true` has one, a `layers_{i}/self_attn/o_proj/bias [hidden]` param beyond
+    the table in docs/architecture.md). Returns `(out [batch, seq, hidden], layer_cache)`."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
+        cfg = self.config
+        batch, seq, _ = x.shape
+        dense = lambda features, axes, bias, name: Linear(
+            features, axes, bias, cfg.dtype, cfg.param_dtype, cfg.initializer_range, name=name)
+        q = dense(cfg.num_attention_heads * cfg.head_dim, ("embed", "q_heads"), cfg.qkv_bias, "q_proj")(x)
+        k = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(x)
+        v = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(x)
+        q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE.
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
+        k = _constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+        v = _constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+        new_cache = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            new_cache = (k_cache, v_cache)
+            k, v = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
+
+        out = attention(q, k, v, mask, cfg.dtype)
+        out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
+        out = out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
+        out = dense(cfg.hidden_size, ("q_heads", "embed"), cfg.o_proj_bias, "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)), [batch, seq, hidden] -> same."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dense = lambda features, axes, name: Linear(
+            features, axes, False, cfg.dtype, cfg.param_dtype, cfg.initializer_range, name=name)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        h = _constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; returns `(hidden, layer_cache)` so it can be the body of `nn.scan`."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, cos: Array, sin: Array, mask: Array,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        attn_out, layer_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(hidden), cos, sin, mask, layer_cache, cache_index)
+        hidden = _constrain(hidden + attn_out, ("act_batch", "act_length", "act_embed"))
+        hidden = hidden + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(hidden))
+        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        return hidden, layer_cache
+
+
+_REMAT_POLICY_FNS = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Qwen(nn.Module):
+    """Qwen2/2.5/3 causal LM. See the module docstring and docs/architecture.md."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 attention_mask: Array | None = None, return_hidden_states: bool = False,
+                 cache: KVCache | None = None):
+        """Forward pass.
+
+        Args:
+          input_ids: [batch, seq] int token ids.
+          positions: [batch, seq] int RoPE positions. Default: `cumsum(mask) - 1` clipped at 0
+            (correct for left padding), or `arange(seq)` (+ `cache.index`) without a mask.
+          attention_mask: without a cache, [batch, seq] (1/True = real token); with a cache,
+            [batch, max_len] valid cache slots, including the `seq` slots written by this call.
+            Attention is causal over slots and never attends to masked keys.
+          return_hidden_states: return the final-normed hidden states `[batch, seq, hidden]`
+            (compute dtype) instead of logits, so a loss can chunk the vocabulary projection.
+          cache: a `KVCache`; this call writes the new keys/values at slots
+            `[index, index + seq)` and attends from slot s to slots j <= s.
+
+        Returns:
+          logits [batch, seq, vocab] float32 (or hidden states); with a cache, the pair
+          `(logits_or_hidden, new_cache)` with `new_cache.index = index + seq`.
+        """
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        batch, seq = input_ids.shape
+        if positions is not None and positions.shape != (batch, seq):
+            raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
+
+        if cache is None:
+            if attention_mask is not None and attention_mask.shape != (batch, seq):
+                raise ValueError(
+                    f"attention_mask must have shape {(batch, seq)}, got {attention_mask.shape}")
+            q_slots = jnp.arange(seq)
+            kv_len = seq
+        else:
+            if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
+                raise ValueError(
+                    f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
+                    f" batch={batch}, max_len, kv_heads, head_dim]")
+            kv_len = cache.k.shape[2]
+            if attention_mask is not None and attention_mask.shape != (batch, kv_len):
+                raise ValueError(
+                    f"with a cache, attention_mask must be [batch, max_len] = {(batch, kv_len)}, "
+                    f"got {attention_mask.shape}")
+            q_slots = cache.index + jnp.arange(seq)
+
+        key_valid = (jnp.ones((batch, kv_len), bool) if attention_mask is None
+                     else attention_mask.astype(bool))
+        causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
+        mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
+
+        if positions is None:
+            if attention_mask is None:
+                positions = jnp.broadcast_to(q_slots[None, :], (batch, seq))
+            else:
+                running = jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1
+                if cache is not None:
+                    running = jax.lax.dynamic_slice_in_dim(running, cache.index, seq, axis=1)
+                positions = jnp.maximum(running, 0)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        embedding = _Embed(cfg, name="embed_tokens")()
+        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
+        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICY_FNS[cfg.remat],
+                                 prevent_cse=not cfg.scan_layers)
+        cache_index = None if cache is None else cache.index
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            layer_caches = None if cache is None else (cache.k, cache.v)
+            hidden, layer_caches = scanned(cfg, name="layers")(
+                hidden, cos, sin, mask, layer_caches, cache_index)
+        else:
+            new_k, new_v = (None, None) if cache is None else (cache.k, cache.v)
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                hidden, layer_cache = layer_cls(cfg, name=f"layers_{i}")(
+                    hidden, cos, sin, mask, layer_cache, cache_index)
+                if cache is not None:
+                    new_k = new_k.at[i].set(layer_cache[0])
+                    new_v = new_v.at[i].set(layer_cache[1])
+            layer_caches = None if cache is None else (new_k, new_v)
+
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
+        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        # The head is declared even when only hidden states are returned, so `init` always
+        # creates the full parameter tree.
+        head = embedding.T if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
+        if return_hidden_states:
+            out = hidden
+        else:
+            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype),
+                             preferred_element_type=jnp.float32)
+            out = _constrain(out, ("act_batch", "act_length", "act_vocab"))
+        if cache is None:
+            return out
+        return out, KVCache(k=layer_caches[0], v=layer_caches[1], index=cache.index + seq)
+
+
+class _Embed(nn.Module):
+    """Holds `embedding [vocab, hidden]`; returns the table (lookup and tying happen in Qwen)."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        cfg = self.config
+        return self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                         ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
+
+
+class _LMHead(nn.Module):
+    """Holds `kernel [hidden, vocab]` (untied embeddings only)."""
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        cfg = self.config
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                         ("embed", "vocab")),
+            (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+
+# ============================================================================================
+# Parameter helpers
+# ============================================================================================
+def lm_head_weight(config: QwenConfig, params: Mapping[str, Any]) -> Array:
+    """The output projection `[hidden, vocab]` (param dtype): `lm_head/kernel`, or
+    `embed_tokens/embedding.T` when the embeddings are tied. `params` is the `params` collection.
+
+    `logits = hidden_states.astype(f32) @ lm_head_weight(config, params).astype(f32)` reproduces
+    the forward's logits (up to the compute dtype of `hidden_states`).
+    """
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def _init_variables(config: QwenConfig, rng: Array) -> dict[str, Any]:
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return Qwen(config).init(rng, dummy)
+
+
+def param_logical_axes(config: QwenConfig) -> Any:
+    """A pytree like the params whose leaves are `PartitionSpec`s of logical axis names
+    (e.g. `PartitionSpec('embed', 'q_heads')`); no parameter memory is allocated."""
+    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def abstract_params(config: QwenConfig) -> Any:
+    """`jax.ShapeDtypeStruct` leaves of the (unboxed) params tree, without allocating."""
+    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
+    return nn.unbox(abstract)["params"]
+
+
+def init_params(config: QwenConfig, rng: Array, shardings: Any = None) -> Any:
+    """Randomly initialised params (plain arrays, logical-axis boxes removed).
+
+    Kernels and embeddings ~ N(0, initializer_range), biases 0, norm scales 1. With `shardings`
+    (a pytree of `jax.sharding.Sharding` like `sharding.param_shardings(config, mesh)`) the
+    params are created directly in that layout by a jitted init.
+    """
+    def init(key):
+        return nn.unbox(_init_variables(config, key))["params"]
+
+    return jax.jit(init, out_shardings=shardings)(rng)
