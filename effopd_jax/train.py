@@ -788,7 +788,11 @@ def main(argv) -> None:
     finally:
         trainer.close()
     if trainer.is_main:
-        summary = {k: v for k, v in metrics_lib._to_python(last).items() if not isinstance(v, list)}
+        summary = {
+            k: v
+            for k, v in metrics_lib._to_python(last).items()
+            if not isinstance(v, list) and not k.startswith("monitor/")
+        }
         print(json.dumps(summary, sort_keys=True))
 
 

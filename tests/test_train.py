@@ -77,6 +77,7 @@ def test_three_steps_end_to_end_with_effopd_and_eval(models, tmp_path):
             "data.eval_files": (GSM8K_FILE,),
             "data.max_eval_prompts": 8,
             "export_hf": True,
+            "monitor.every": 2,
         },
     )
     records = run(config, tmp_path, devices=jax.devices()[:1])
@@ -91,6 +92,10 @@ def test_three_steps_end_to_end_with_effopd_and_eval(models, tmp_path):
     # EffOPD searched at updates 1 and 2 (powers of two), not at 3.
     assert [bool(r.get("effopd/searched")) for r in records] == [True, True, False]
     assert all(r["effopd/accepted_multiplier"] in (1.0, 3.0, 5.0, 7.0, 9.0, 11.0) for r in records[:2])
+    # The live foresight monitor ran at step 2 only; the update's module shares sum to 1.
+    assert "monitor/total/rel_update" in records[1] and "monitor/total/rel_update" not in records[0]
+    shares = [v for k, v in records[1].items() if k.startswith("monitor/alloc/")]
+    assert len(shares) == 7 and sum(shares) == pytest.approx(1.0, abs=1e-5)
     evals = [r for r in read_metrics(str(tmp_path)) if r.get("kind") == "eval"]
     assert evals and 0.0 <= evals[-1]["eval/mean_at_n"] <= 1.0
     # The exported student loads through transformers' config and our loader.
