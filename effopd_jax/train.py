@@ -155,7 +155,9 @@ def response_logprobs(
         hidden,
         lm_head_weight(config, params),
         response_ids,
-        chunk_size=chunk_size,
+        # Never a chunk longer than the response: padding a short response up to the chunk
+        # would multiply the lm_head work.
+        chunk_size=min(chunk_size, response_ids.shape[1]),
         temperature=temperature,
     )
 
@@ -213,7 +215,7 @@ def opd_loss(
         lm_head_weight(student_config, params),
         batch.teacher_hidden,
         teacher_head,
-        chunk_size=loss_config.chunk_size,
+        chunk_size=min(loss_config.chunk_size, batch.response_ids.shape[1]),
         topk=loss_config.topk if loss_config.name == "topk_reverse_kl" else None,
     )
     loss = losses.aggregate_token_losses(per_token_kl, mask, loss_config.aggregation)
