@@ -443,13 +443,11 @@ def generate_padded(
     rng = _as_key(rng)
     dtype = jnp.dtype(cache_dtype if cache_dtype is not None else _compute_dtype(config))
 
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask).astype(bool)
+    row_sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
+    prompt_ids = _rows_as(prompt_ids, jnp.int32, row_sharding)
+    prompt_mask = _rows_as(prompt_mask, jnp.bool_, row_sharding)
     cache_shardings = None
     if mesh is not None:
-        row_sharding = sharding_lib.batch_sharding(mesh)
-        prompt_ids = jax.device_put(prompt_ids, row_sharding)
-        prompt_mask = jax.device_put(prompt_mask, row_sharding)
         rng = jax.device_put(rng, NamedSharding(mesh, P()))
         cache_shardings = sharding_lib.cache_shardings(mesh)
     cache = _allocate_cache(
@@ -618,6 +616,16 @@ def _check_prompt_list(prompts: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
         if any(not isinstance(t, (int, np.integer)) for t in prompt):
             raise ValueError(f"prompts[{i}] must contain int token ids")
+
+
+def _rows_as(x: jax.Array | np.ndarray, dtype: Any, sharding: NamedSharding | None) -> jax.Array | np.ndarray:
+    """``x`` in ``dtype``: host arrays are converted on the host (and, with a sharding, sent
+    straight to their shards); device arrays stay where they are unless a sharding is given."""
+    if isinstance(x, jax.Array):
+        x = x if x.dtype == dtype else x.astype(dtype)
+    else:
+        x = np.asarray(x, dtype)
+    return x if sharding is None else jax.device_put(x, sharding)
 
 
 def _as_key(seed: int | jax.Array) -> jax.Array:

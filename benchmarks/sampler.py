@@ -1,0 +1,271 @@
+"""Rollout throughput: effopd_jax's sampler vs transformers `generate` (torch) vs Tunix's `Sampler`.
+
+One random Qwen3 checkpoint (made by `transformers`, written with `save_pretrained`,
+`_peers.write_tiny_qwen3_checkpoint`) is loaded into each implementation, all fp32:
+
+  * ours:   `effopd_jax.convert.load_hf` + `effopd_jax.sampling.generate` (prefill + jitted
+            `lax.while_loop` decode over a static KV cache);
+  * torch:  `transformers.AutoModelForCausalLM.generate` (sdpa attention, dynamic cache);
+  * tunix:  `tunix.generate.sampler.Sampler` over Tunix's NNX `Qwen3`
+            (`tunix.models.qwen3.params.create_model_from_safe_tensors`).
+
+Timed work: `--batch` prompts of `--prompt-len` random token ids, `--new-tokens` new tokens each,
+EOS disabled (every row runs to the end), ancestral sampling at temperature `--temperature`
+(default 1.0, the OPD rollout setting) with no top-k / top-p; `--temperature 0` times greedy.
+Throughput = batch * new_tokens / wall time of the whole call (prefill, decode, host transfer).
+
+Before timing, a same-work check runs all three greedily for `--check-tokens` tokens and prints
+how many generated tokens agree with transformers'.
+
+Decode bandwidth (ours): decode step time = (t(new_tokens) - t(1)) / (new_tokens - 1), i.e. the
+call minus its prefill, per token. A decode step reads every matmul weight once
+(`_peers.matmul_params` * 4 bytes) and the whole static KV cache
+(2 * layers * batch * (prompt + new) * kv_heads * head_dim * 4 bytes); bytes / step time is put
+next to the machine's copy bandwidth (`_peers.measure_copy_bandwidth`).
+
+Timing: one compile/warm-up call per implementation, then `--reps` rounds in which each runs once
+in turn (round robin, so load bursts from other processes hit all alike); medians reported with
+the minimum next to them.
+
+Run (see benchmarks/README.md for the environment):
+  .venv-bench/bin/python benchmarks/sampler.py [--batch 8 --prompt-len 64 --new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _peers  # noqa: E402
+
+
+@dataclasses.dataclass
+class Contender:
+    """One implementation: `generate(new_tokens, temperature, seed) -> tokens [batch, new]`
+    (numpy, blocking)."""
+
+    name: str
+    generate: Callable[[int, float, int], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------
+def ours_contender(path: str, prompts: list[list[int]]) -> Contender:
+    from effopd_jax import sampling
+    from effopd_jax.convert import load_hf
+
+    config, params = load_hf(path, dtype=jnp.float32, compute_dtype=jnp.float32)
+
+    def generate(new_tokens: int, temperature: float, seed: int) -> np.ndarray:
+        out = sampling.generate(
+            config, params, prompts, max_new_tokens=new_tokens, temperature=temperature, seed=seed,
+            eos_token_ids=(), cache_dtype=jnp.float32)
+        return out.tokens  # host numpy: the call has blocked on the result
+
+    return Contender("ours", generate)
+
+
+def torch_contender(path: str, prompts: list[list[int]]) -> Contender:
+    import torch
+
+    model = _peers.load_torch_qwen3(path)
+    input_ids = torch.tensor(prompts, dtype=torch.long)  # equal lengths: no padding needed
+    attention_mask = torch.ones_like(input_ids)
+
+    def generate(new_tokens: int, temperature: float, seed: int) -> np.ndarray:
+        torch.manual_seed(seed)
+        sampling_kwargs = (dict(do_sample=False) if temperature == 0.0
+                           else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0))
+        with torch.no_grad():
+            out = model.generate(
+                input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **sampling_kwargs)
+        return out[:, input_ids.shape[1]:].numpy()
+
+    return Contender("transformers", generate)
+
+
+class _IdTokenizer:
+    """The tokenizer interface Tunix's `Sampler` needs (encode/decode/bos_id/eos_id/pad_id) over
+    space-separated token ids, so it samples from exactly our prompt ids. No BOS is added
+    (`bos_id()` is falsy); EOS is an id outside the vocabulary, so no row ever stops early."""
+
+    def __init__(self, vocab_size: int):
+        self._eos = vocab_size
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **kwargs) -> str:
+        return " ".join(str(int(t)) for t in ids)
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self) -> int:
+        return self._eos
+
+    def pad_id(self) -> int:
+        return 0
+
+
+def tunix_contender(path: str, prompts: list[list[int]], hf_config: dict, new_tokens: int) -> Contender:
+    from tunix.generate import sampler as tunix_sampler
+
+    model = _peers.load_tunix_qwen3(path, dtype=jnp.float32)
+    prompt_len = len(prompts[0])
+    vocab = int(hf_config["vocab_size"])
+    cache_config = tunix_sampler.CacheConfig(
+        cache_size=prompt_len + new_tokens,
+        num_layers=int(hf_config["num_hidden_layers"]),
+        num_kv_heads=int(hf_config["num_key_value_heads"]),
+        head_dim=int(hf_config["head_dim"]),
+    )
+    sampler = tunix_sampler.Sampler(model, _IdTokenizer(vocab), cache_config)
+    texts = [" ".join(map(str, p)) for p in prompts]
+
+    def generate(steps: int, temperature: float, seed: int) -> np.ndarray:
+        kwargs = dict(temperature=0.0) if temperature == 0.0 else dict(temperature=temperature, top_p=1.0)
+        out = sampler(texts, max_generation_steps=steps, max_prompt_length=prompt_len,
+                      eos_tokens=[vocab], seed=seed, **kwargs)
+        return np.stack([np.asarray(t)[:steps] for t in out.tokens])
+
+    return Contender("tunix", generate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens of the same-work check")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--skip", default="", help="comma list of 'tunix', 'torch' to leave out")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads; 0 = all cores (os.cpu_count())")
+    args = parser.parse_args(argv)
+    for name in ("batch", "prompt_len", "new_tokens", "reps", "check_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (the decode step time needs a decode step)")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - {"tunix", "torch"}:
+        raise ValueError(f"--skip: unknown names {sorted(skip - {'tunix', 'torch'})}")
+
+    import flax
+    import torch
+    import transformers
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.torch_threads or cores)
+    versions = [f"jax {jax.__version__}", f"flax {flax.__version__}", f"torch {torch.__version__}",
+                f"transformers {transformers.__version__}"]
+    if "tunix" not in skip:
+        from importlib.metadata import version
+        versions.append(f"google-tunix {version('google-tunix')}")
+    print(f"devices: {jax.devices()}  cpu cores: {cores}  torch threads: {torch.get_num_threads()}")
+    print("versions: " + ", ".join(versions))
+    print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+    spec = _peers.TinyQwen3Spec(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+        intermediate_size=args.intermediate, vocab_size=args.vocab)
+    # Ids from 1: Tunix treats id 0 (its pad id) in a prompt as padding.
+    prompts = np.random.default_rng(0).integers(1, args.vocab, (args.batch, args.prompt_len)).tolist()
+    new = args.new_tokens
+    with tempfile.TemporaryDirectory(prefix="effopd_sampler_") as path:
+        hf_config = _peers.write_tiny_qwen3_checkpoint(path, spec, seed=0)
+        contenders = [ours_contender(path, prompts)]
+        if "torch" not in skip:
+            contenders.append(torch_contender(path, prompts))
+        if "tunix" not in skip:
+            contenders.append(tunix_contender(path, prompts, hf_config, new))
+    mode = "greedy" if args.temperature == 0 else f"sampling T={args.temperature}, no top-k/top-p"
+    print(f"config: {dataclasses.asdict(spec)}")
+    print(f"batch {args.batch}, prompt {args.prompt_len}, {new} new tokens, EOS disabled, {mode}, fp32; "
+          f"matmul weights {_peers.matmul_params(hf_config) / 1e6:.2f} M")
+
+    # Same work: greedy tokens against transformers'.
+    check = {c.name: c.generate(args.check_tokens, 0.0, 0) for c in contenders}
+    if "transformers" in check:
+        print(f"\n== same work: greedy, {args.check_tokens} tokens x {args.batch} rows, "
+              "fraction equal to transformers' ==")
+        for name, tokens in check.items():
+            if name != "transformers":
+                print(f"{name:<14} {np.mean(tokens == check['transformers']):.3f}")
+
+    # Compile / warm-up calls (ours also compiles its 1-token call for the prefill estimate).
+    print("\n== first call (compile for JAX) seconds ==")
+    for c in contenders:
+        start = time.perf_counter()
+        tokens = c.generate(new, args.temperature, 0)
+        print(f"{c.name:<14} {time.perf_counter() - start:7.2f}")
+        if tokens.shape != (args.batch, new):
+            raise RuntimeError(f"{c.name} returned tokens of shape {tokens.shape}, expected {(args.batch, new)}")
+    ours = contenders[0]
+    ours.generate(1, args.temperature, 0)
+
+    bandwidth = _peers.measure_copy_bandwidth()
+
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    prefill_times: list[float] = []
+    for rep in range(args.reps):
+        for c in contenders:
+            times[c.name] += _peers.time_calls(lambda: c.generate(new, args.temperature, rep + 1), 1)
+        prefill_times += _peers.time_calls(lambda: ours.generate(1, args.temperature, rep + 1), 1)
+
+    tokens_per_call = args.batch * new
+    medians = {name: _peers.median(t) for name, t in times.items()}
+    print(f"\n== throughput over {args.reps} round-robin reps (median [min] seconds per call; "
+          f"{tokens_per_call} new tokens per call) ==")
+    print(f"{'impl':<14} {'seconds':>17} {'tokens/s':>10}")
+    for name, t in times.items():
+        print(f"{name:<14} {medians[name]:8.3f} [{min(t):6.3f}] {tokens_per_call / medians[name]:10.1f}")
+
+    print("\n== ratios (ours tokens/s / peer tokens/s; > 1 means ours is faster) ==")
+    for name in medians:
+        if name != "ours":
+            print(f"ours / {name:<12}: {medians[name] / medians['ours']:6.2f}x")
+
+    prefill = _peers.median(prefill_times)
+    step = (medians["ours"] - prefill) / (new - 1)
+    weight_bytes = 4 * _peers.matmul_params(hf_config)
+    cache_bytes = 4 * 2 * args.layers * args.batch * (args.prompt_len + new) * args.kv_heads * args.head_dim
+    achieved = (weight_bytes + cache_bytes) / step
+    print("\n== ours: decode step memory bandwidth ==")
+    print(f"call with 1 new token (prefill + first sample): {prefill * 1e3:.1f} ms (median)")
+    print(f"decode step: {step * 1e3:.2f} ms = ({medians['ours'] * 1e3:.1f} - {prefill * 1e3:.1f}) ms / {new - 1}")
+    print(f"bytes read per step: weights {weight_bytes / 1e6:.1f} MB + KV cache {cache_bytes / 1e6:.1f} MB")
+    print(f"achieved {achieved / 1e9:.2f} GB/s vs machine copy bandwidth {bandwidth / 1e9:.2f} GB/s "
+          f"({100 * achieved / bandwidth:.0f}%)")
+    print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,672 @@
+"""Offline foresight analysis over a series of checkpoints: CSV files, PNG plots, rank-k export.
+
+    python -m effopd_jax.analyze --checkpoints BASE CKPT_1 ... CKPT_T --out DIR [--k 8]
+        [--rank-k-export K [--alpha 1.0] [--export-dtype bfloat16]] [--svd-method auto]
+        [--topk-only] [--keep-order] [--seed 0]
+
+Each checkpoint is one of
+  hf     a Hugging Face directory (``config.json`` + safetensors, read by ``convert.load_hf``);
+  orbax  an orbax params directory written by ``python -m effopd_jax.convert hf-to-orbax``
+         (``params/`` + ``qwen_config.json``);
+  run    a step directory of the trainer (``WORKDIR/checkpoints/<step>``, holding ``state/``):
+         only ``state.params`` is read (orbax partial restore); it carries no model config, so
+         the architecture is checked by parameter shapes, and ``--rank-k-export`` takes the
+         config from an hf/orbax checkpoint of the series (e.g. the base student).
+The base W_0 comes first and the final W_T last. Ordering: when every directory name ends in a
+number (``step_20``, ``DAPO-step-7``, ``checkpoints/12``) they are sorted by it; when all but the
+first given do, the first given is the base (step 0) and the rest are sorted; otherwise (or with
+``--keep-order``) the given order is kept with steps 0..T. The order used is printed. Parameters are
+analysed in the unscanned layout (a scanned tree is split into ``layers_{i}``).
+
+For every checkpoint t >= 1 and every attention/MLP matrix (q, k, v, o, gate, up, down) of every
+layer, from ΔW_t = W_t − W_0 (metrics of ``effopd_jax.monitor``, HF orientation ``[out, in]``,
+U spans the output space):
+  update_norm ‖ΔW‖_F, w0_norm ‖W_0‖_F, rel_update ‖ΔW‖_F/‖W_0‖_F,
+  alloc (the module's share of its layer's Σ‖ΔW‖_F²),
+  energy Σ_{j<=k} σ_j²/‖ΔW‖_F², erank (exact, full spectrum; ``--topk-only``: erank_topk of the
+  randomized top-k spectrum),
+  overlap_final_left/right ‖U_{t,k}ᵀ U_{T,k}‖_F²/k with the final update's top-k bases (U, V),
+  overlap_prev_left/right the same with the previous checkpoint's update (empty for t = 1).
+
+Outputs in ``--out``:
+  metrics.csv       one row per (checkpoint, layer, module) with the columns above;
+  summary.csv       one row per (checkpoint, module type): means over layers, the module type's
+                    share of the whole model's squared update (alloc_model), and a row
+                    module="all" with model-wide rel_update and mean overlaps;
+  spectrum.csv      the final update's singular values per (layer, module): index j (1-based),
+                    sigma, sigma/sigma_1, cumulative energy fraction;
+  relative_update_heatmap.png   rel_update of the final checkpoint, layers × modules;
+  overlap_with_final.png        mean (over layers) overlap with the final subspace vs step;
+  spectrum_decay.png            σ_j/σ_1 and cumulative energy of the final update per module;
+  module_allocation.png         per-layer shares of the squared update norm (final checkpoint);
+  rank_<K>_alpha_<A>/           with ``--rank-k-export``: HF checkpoint of the spec §4.2
+                                reconstruction W' = W_0 + α(‖ΔW‖/‖ΔW_K‖)ΔW_K of the final
+                                checkpoint (non-matrix params from the base, as the authors do).
+
+Marginal utility (Python API only): ``marginal_utility(params_0, params_t, evaluate)`` resets one
+module group's ΔW to W_0 at a time and scores each model with a user-given ``evaluate(params) ->
+float`` (e.g. accuracy on a validation set); see its docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effopd_jax import monitor
+from effopd_jax.models.qwen import QwenConfig
+
+MODULE_NAMES = monitor.MODULE_NAMES
+SHORT_NAMES = {name: name.split("/")[1].removesuffix("_proj") for name in MODULE_NAMES}
+# QwenConfig fields that fix the parameter tree; checkpoints must agree on all of them.
+ARCHITECTURE_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "qkv_bias",
+    "o_proj_bias", "qk_norm",
+)
+METRIC_COLUMNS = (
+    "update_norm", "w0_norm", "rel_update", "alloc", "energy", "erank",
+    "overlap_final_left", "overlap_final_right", "overlap_prev_left", "overlap_prev_right",
+)
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def _log(message: str) -> None:
+    print(f"[analyze] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """'hf', 'orbax' or 'run' for a checkpoint directory; ValueError naming the path otherwise."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    if os.path.isfile(os.path.join(path, "qwen_config.json")) and os.path.isdir(os.path.join(path, "params")):
+        return "orbax"
+    if os.path.isdir(os.path.join(path, "state")):
+        return "run"
+    raise ValueError(
+        f"checkpoint {path!r} is neither a Hugging Face directory (config.json + safetensors), an"
+        " orbax params directory (params/ + qwen_config.json) nor a trainer step directory (state/)"
+    )
+
+
+def unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The unscanned layout of a params tree: a ``layers`` subtree becomes ``layers_{i}``."""
+    if "layers" not in params:
+        return dict(params)
+    _, num_layers = monitor.param_layout(params)
+    out = {key: value for key, value in params.items() if key != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def _restore_run_params(path: str) -> Any:
+    """``state.params`` of a trainer step directory, without reading the optimizer state."""
+    import orbax.checkpoint as ocp
+
+    state_dir = os.path.join(os.path.abspath(path), "state")
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise ValueError(f"checkpoint {path!r}: state/ has no 'params' entry")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            ),
+        )
+    return restored["params"]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[QwenConfig | None, Any]:
+    """(config or None for 'run', float32 params in the unscanned layout) of a checkpoint dir."""
+    from effopd_jax import convert
+
+    fmt = checkpoint_format(path)
+    if fmt == "hf":
+        config, params = convert.load_hf(path, dtype=jnp.float32, scan_layers=False)
+        return config, params
+    if fmt == "orbax":
+        config, params = convert.load_orbax(path)
+    else:
+        config, params = None, _restore_run_params(os.fspath(path))
+    params = unscanned(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    if config is not None:
+        config = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
+    return config, params
+
+
+def check_same_architecture(configs: Sequence[QwenConfig | None], names: Sequence[str]) -> None:
+    """ValueError naming the first checkpoint whose architecture differs from the first one's.
+
+    Checkpoints without a config (trainer step directories) are skipped here; their parameter
+    shapes are compared by ``check_same_shapes``.
+    """
+    known = [(c, n) for c, n in zip(configs, names) if c is not None]
+    for config, name in known[1:]:
+        diffs = [
+            f"{field}: {getattr(known[0][0], field)!r} vs {getattr(config, field)!r}"
+            for field in ARCHITECTURE_FIELDS
+            if getattr(known[0][0], field) != getattr(config, field)
+        ]
+        if diffs:
+            raise ValueError(
+                f"checkpoints {known[0][1]!r} and {name!r} have different architectures ({'; '.join(diffs)})"
+            )
+
+
+def check_same_shapes(params_a: Any, params_b: Any, names: tuple[str, str]) -> None:
+    """ValueError unless two (unscanned) params trees have the same paths and shapes."""
+    monitor.check_same_architecture(params_a, params_b, names)
+
+
+def order_checkpoints(paths: Sequence[str], keep_order: bool = False) -> tuple[list[str], list[int]]:
+    """(paths, steps) in training order; see the module docstring for the rule."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    numbers = [_TRAILING_NUMBER.search(n) for n in names]
+    if keep_order or not all(numbers[1:]):
+        return list(paths), list(range(len(paths)))
+    first = [] if numbers[0] else [0]
+    rest = [i for i in range(len(paths)) if i not in first]
+    steps = {i: int(numbers[i].group(1)) for i in rest}
+    if len(set(steps.values())) != len(steps):
+        raise ValueError(f"checkpoint names carry duplicate step numbers: {names}; use --keep-order")
+    if first and min(steps.values()) <= 0:
+        raise ValueError(f"the base {names[0]!r} has no step number but another checkpoint is step 0: {names}")
+    order = first + sorted(rest, key=steps.get)
+    return [paths[i] for i in order], [steps.get(i, 0) for i in order]
+
+
+def check_k(kernels: Mapping[str, jax.Array], k: int, what: str = "--k") -> None:
+    """ValueError naming the module when k exceeds a matrix's rank bound min(out, in)."""
+    for name, stacked in kernels.items():
+        fan_in, fan_out = stacked.shape[1:]
+        if not 1 <= k <= min(fan_in, fan_out):
+            raise ValueError(
+                f"{what}={k} is larger than the rank bound min(out, in) = {min(fan_in, fan_out)} of"
+                f" {name} ([out, in] = [{fan_out}, {fan_in}]); choose 1 <= k <= {min(fan_in, fan_out)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics over the series
+
+
+@dataclasses.dataclass
+class AnalysisResult:
+    """What ``analyze`` computed (also written to CSV).
+
+    Attributes:
+      names, steps: checkpoint directory names and steps (index 0 = base).
+      rows: metrics.csv rows, dicts with checkpoint, step, layer, module + METRIC_COLUMNS.
+      summary: summary.csv rows.
+      final_spectra: {module: [L, r]} singular values of the final update.
+      k: top-k.
+      num_layers: L.
+      export_dir: the rank-k HF checkpoint directory, or None.
+    """
+
+    names: list[str]
+    steps: list[int]
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    final_spectra: dict[str, np.ndarray]
+    k: int
+    num_layers: int
+    export_dir: str | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _update_metrics(w_t, w_0, key, ref_u, ref_v, *, config):
+    return monitor.update_metrics(w_t, w_0, key, config=config, ref_u=ref_u, ref_v=ref_v)
+
+
+def _module_stats(kernels_t, kernels_0, key, config, ref=None) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for index, name in enumerate(MODULE_NAMES):
+        ref_u, ref_v = (None, None) if ref is None else (ref[name]["u"], ref[name]["v"])
+        stats = _update_metrics(
+            kernels_t[name], kernels_0[name], jax.random.fold_in(key, index), ref_u, ref_v, config=config
+        )
+        out[name] = jax.device_get(stats)
+    return out
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-layer ‖aᵀb‖_F²/k for stacked bases [L, m, k]."""
+    return np.asarray(monitor.subspace_overlap(jnp.asarray(a), jnp.asarray(b)))
+
+
+def analyze(
+    checkpoints: Sequence[str],
+    out_dir: str,
+    *,
+    k: int = 8,
+    rank_k_export: int | None = None,
+    alpha: float = 1.0,
+    export_dtype: str | None = None,
+    svd_method: monitor.SVDMethod = "auto",
+    full_spectrum: bool = True,
+    keep_order: bool = False,
+    seed: int = 0,
+    plots: bool = True,
+) -> AnalysisResult:
+    """Runs the analysis (see the module docstring) and writes CSVs, PNGs and the export.
+
+    Raises:
+      ValueError: fewer than 2 checkpoints, an unreadable directory, different architectures,
+        k (or rank_k_export) larger than a matrix's rank bound.
+    """
+    if len(checkpoints) < 2:
+        raise ValueError(
+            f"--checkpoints needs at least 2 directories (the base W_0 and one trained checkpoint),"
+            f" got {len(checkpoints)}"
+        )
+    formats = [checkpoint_format(path) for path in checkpoints]
+    if rank_k_export is not None and all(f == "run" for f in formats):
+        raise ValueError(
+            "--rank-k-export needs a model config, but every checkpoint is a trainer step directory"
+            " (no config); put the base HF checkpoint first"
+        )
+    paths, steps = order_checkpoints(list(checkpoints), keep_order)
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    _log("order: " + ", ".join(f"{n} (step {s})" for n, s in zip(names, steps)))
+    os.makedirs(out_dir, exist_ok=True)
+    config_m = monitor.MonitorConfig(k=k, svd_method=svd_method, full_spectrum=full_spectrum)
+    key = jax.random.PRNGKey(seed)
+
+    configs: dict[int, QwenConfig | None] = {}
+
+    def load(i: int):
+        start = time.perf_counter()
+        configs[i], params = load_checkpoint(paths[i])
+        if i:  # every checkpoint against the base
+            check_same_architecture([configs[0], configs[i]], [names[0], names[i]])
+            check_same_shapes(base_params, params, (names[0], names[i]))
+        _log(f"loaded {i + 1}/{len(paths)} {names[i]} ({checkpoint_format(paths[i])}) in {time.perf_counter() - start:.1f} s")
+        return configs[i], params
+
+    base_params = None
+    _, base_params = load(0)
+    base = monitor.module_kernels(base_params)
+    num_layers = base[MODULE_NAMES[0]].shape[0]
+    check_k(base, k)
+    if rank_k_export is not None:
+        check_k(base, rank_k_export, "--rank-k-export")
+    _, final_params = load(len(paths) - 1)
+    final = monitor.module_kernels(final_params)
+
+    start = time.perf_counter()
+    final_stats = _module_stats(final, base, key, config_m)
+    _log(f"final update: top-{k} bases in {time.perf_counter() - start:.1f} s")
+    ref = {name: {"u": final_stats[name]["u"], "v": final_stats[name]["v"]} for name in MODULE_NAMES}
+
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    prev = None
+    erank_key = "erank" if full_spectrum else "erank_topk"
+    for i in range(1, len(paths)):
+        start = time.perf_counter()
+        kernels = final if i == len(paths) - 1 else monitor.module_kernels(load(i)[1])
+        stats = _module_stats(kernels, base, key, config_m, ref)
+        shares = {n: np.asarray(v) for n, v in monitor.allocation({n: s["update_norm"] for n, s in stats.items()}).items()}
+        for name in MODULE_NAMES:
+            s = stats[name]
+            if prev is not None:
+                s["overlap_prev_left"] = _overlap(s["u"], prev[name]["u"])
+                s["overlap_prev_right"] = _overlap(s["v"], prev[name]["v"])
+            for layer in range(num_layers):
+                row = {"checkpoint": names[i], "step": steps[i], "layer": layer, "module": name}
+                row.update(
+                    update_norm=s["update_norm"][layer], w0_norm=s["w0_norm"][layer],
+                    rel_update=s["rel_update"][layer], alloc=shares[name][layer],
+                    energy=s["energy"][layer], erank=s[erank_key][layer],
+                    overlap_final_left=s["overlap_left"][layer], overlap_final_right=s["overlap_right"][layer],
+                    overlap_prev_left=s["overlap_prev_left"][layer] if prev is not None else "",
+                    overlap_prev_right=s["overlap_prev_right"][layer] if prev is not None else "",
+                )
+                rows.append(row)
+        summary.extend(_summarize(names[i], steps[i], stats, shares, prev is not None, erank_key))
+        prev = {name: {"u": stats[name]["u"], "v": stats[name]["v"]} for name in MODULE_NAMES}
+        _log(f"metrics {i}/{len(paths) - 1} {names[i]} in {time.perf_counter() - start:.1f} s")
+
+    final_spectra = {name: np.asarray(final_stats[name]["spectrum"]) for name in MODULE_NAMES}
+    result = AnalysisResult(names, steps, rows, summary, final_spectra, k, num_layers)
+    _write_csv(os.path.join(out_dir, "metrics.csv"), rows)
+    _write_csv(os.path.join(out_dir, "summary.csv"), summary)
+    _write_spectrum_csv(os.path.join(out_dir, "spectrum.csv"), final_spectra)
+    _log(f"wrote metrics.csv ({len(rows)} rows), summary.csv, spectrum.csv to {out_dir}")
+    if plots:
+        for path in write_plots(result, out_dir):
+            _log(f"wrote {path}")
+    if rank_k_export is not None:
+        # Every checkpoint has been loaded by now; any of them with a config describes them all.
+        model_config = next(configs[i] for i in sorted(configs) if configs[i] is not None)
+        result.export_dir = export_rank_k(
+            model_config, base_params, final_params, rank_k_export, alpha,
+            os.path.join(out_dir, f"rank_{rank_k_export}_alpha_{alpha:g}"), export_dtype, svd_method, seed,
+        )
+    return result
+
+
+def _summarize(name, step, stats, shares, has_prev, erank_key) -> list[dict[str, Any]]:
+    total_update2 = sum(float(np.sum(np.square(s["update_norm"]))) for s in stats.values())
+    total_w02 = sum(float(np.sum(np.square(s["w0_norm"]))) for s in stats.values())
+    out = []
+    for module, s in stats.items():
+        row = {
+            "checkpoint": name, "step": step, "module": module,
+            "update_norm": float(np.sqrt(np.sum(np.square(s["update_norm"])))),
+            "rel_update": float(np.sqrt(np.sum(np.square(s["update_norm"])) / np.sum(np.square(s["w0_norm"])))),
+            "alloc_model": float(np.sum(np.square(s["update_norm"])) / total_update2) if total_update2 > 0 else 0.0,
+            "alloc_layer_mean": float(np.mean(shares[module])),
+            "energy": float(np.mean(s["energy"])), "erank": float(np.mean(s[erank_key])),
+            "overlap_final_left": float(np.mean(s["overlap_left"])),
+            "overlap_final_right": float(np.mean(s["overlap_right"])),
+            "overlap_prev_left": float(np.mean(s["overlap_prev_left"])) if has_prev else "",
+            "overlap_prev_right": float(np.mean(s["overlap_prev_right"])) if has_prev else "",
+        }
+        out.append(row)
+    everything = {
+        "checkpoint": name, "step": step, "module": "all", "update_norm": math.sqrt(total_update2),
+        "rel_update": math.sqrt(total_update2 / total_w02) if total_w02 > 0 else 0.0,
+        "alloc_model": 1.0, "alloc_layer_mean": "",
+    }
+    for column in ("energy", "erank", "overlap_final_left", "overlap_final_right", "overlap_prev_left", "overlap_prev_right"):
+        values = [r[column] for r in out]
+        everything[column] = float(np.mean(values)) if values[0] != "" else ""
+    out.append(everything)
+    return out
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (float(v) if isinstance(v, (np.floating, np.ndarray)) else v) for k, v in row.items()})
+
+
+def _write_spectrum_csv(path: str, spectra: Mapping[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "module", "j", "sigma", "sigma_over_sigma1", "cumulative_energy"])
+        for name, stacked in spectra.items():
+            for layer, s in enumerate(stacked):
+                s = np.asarray(s, np.float64)
+                energy = np.cumsum(s**2) / max(np.sum(s**2), np.finfo(np.float64).tiny)
+                top = s[0] if s[0] > 0 else 1.0
+                for j, (value, cum) in enumerate(zip(s, energy), start=1):
+                    writer.writerow([layer, name, j, float(value), float(value / top), float(cum)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
+    """Writes the four PNGs (see the module docstring); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    final_name = result.names[-1]
+    final_label = f"{final_name} (step {result.steps[-1]})"
+    final_rows = [r for r in result.rows if r["checkpoint"] == final_name]
+    modules = list(MODULE_NAMES)
+    labels = [SHORT_NAMES[m] for m in modules]
+    L = result.num_layers
+
+    def grid(column):
+        values = np.zeros((L, len(modules)))
+        for r in final_rows:
+            values[r["layer"], modules.index(r["module"])] = float(r[column])
+        return values
+
+    # 1. Relative update heatmap.
+    rel = grid("rel_update")
+    fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2, 0.35 * L + 2))
+    image = ax.imshow(rel, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(modules)), labels)
+    ax.set_yticks(range(L))
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(f"relative update ‖ΔW‖_F / ‖W_0‖_F at {final_label}")
+    fig.colorbar(image, ax=ax, label="‖ΔW‖_F / ‖W_0‖_F")
+    if L * len(modules) <= 200:
+        for (layer, col), value in np.ndenumerate(rel):
+            ax.text(col, layer, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    color="white" if value < rel.max() * 0.6 else "black")
+    paths.append(_save(fig, out_dir, "relative_update_heatmap.png"))
+
+    # 2. Overlap with the final subspace over training.
+    summary = [r for r in result.summary]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, side in zip(axes, ("left", "right")):
+        for module in modules + ["all"]:
+            points = [(r["step"], r[f"overlap_final_{side}"]) for r in summary if r["module"] == module]
+            xs, ys = zip(*points)
+            style = dict(color="black", linewidth=2.5) if module == "all" else dict(linewidth=1.2)
+            ax.plot(xs, ys, marker="o", markersize=3, label="mean" if module == "all" else SHORT_NAMES[module], **style)
+        space = "U, output space" if side == "left" else "V, input space"
+        ax.set_title(f"top-{result.k} overlap with the final update ({space})")
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("‖U_tᵀ U_T‖_F² / k (mean over layers)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    paths.append(_save(fig, out_dir, "overlap_with_final.png"))
+
+    # 3. Spectrum decay of the final update.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for module in modules:
+        s = np.asarray(result.final_spectra[module], np.float64)  # [L, r]
+        normalized = s / np.maximum(s[:, :1], np.finfo(np.float64).tiny)
+        energy = np.cumsum(s**2, axis=1) / np.maximum(np.sum(s**2, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        j = np.arange(1, s.shape[1] + 1)
+        axes[0].semilogy(j, np.mean(normalized, axis=0), label=SHORT_NAMES[module])
+        axes[1].plot(j, np.mean(energy, axis=0), label=SHORT_NAMES[module])
+    axes[0].set_title(f"σ_j/σ_1 of ΔW at {final_label} (mean over layers)")
+    axes[0].set_xlabel("j")
+    axes[1].axvline(result.k, color="gray", linestyle="--", label=f"k = {result.k}")
+    axes[1].set_title("cumulative energy Σ_{i≤j} σ_i² / ‖ΔW‖_F²")
+    axes[1].set_xlabel("j")
+    axes[1].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir, "spectrum_decay.png"))
+
+    # 4. Module allocation per layer.
+    alloc = grid("alloc")
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * L + 3), 4.5))
+    bottom = np.zeros(L)
+    for col, module in enumerate(modules):
+        ax.bar(range(L), alloc[:, col], bottom=bottom, label=SHORT_NAMES[module])
+        bottom += alloc[:, col]
+    ax.set_xticks(range(L))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the layer's Σ‖ΔW‖_F²")
+    ax.set_title(f"module allocation at {final_label}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    paths.append(_save(fig, out_dir, "module_allocation.png"))
+    return paths
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-k export and marginal utility
+
+
+def export_rank_k(
+    config: QwenConfig,
+    params_0: Any,
+    params_t: Any,
+    k: int,
+    alpha: float,
+    path: str,
+    dtype: str | None = None,
+    svd_method: monitor.SVDMethod = "auto",
+    seed: int = 0,
+) -> str:
+    """Writes the spec §4.2 rank-k reconstruction of ``params_t`` as a HF checkpoint at ``path``.
+
+    Attention/MLP kernels become W_0 + α(‖ΔW‖_F/‖ΔW_k‖_F)ΔW_k; every other parameter is the
+    base's (the authors' ``upd_rank.py``). ``dtype``: storage dtype (default float32).
+    """
+    from effopd_jax import convert
+
+    start = time.perf_counter()
+    check_k(monitor.module_kernels(params_0), k, "--rank-k-export")
+    new_params = monitor.rank_k_reconstruct_params(
+        params_0, params_t, k, jax.random.PRNGKey(seed), alpha=alpha, method=svd_method
+    )
+    layout, _ = monitor.param_layout(new_params)
+    config = dataclasses.replace(config, scan_layers=layout == "scanned")
+    convert.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype))
+    _log(f"wrote rank-{k} (alpha {alpha:g}) reconstruction to {path} in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def reset_modules(
+    params_0: Mapping[str, Any], params_t: Mapping[str, Any], modules: Sequence[str], layers: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """``params_t`` with the given modules' kernels (in the given layers, default all) reset to W_0.
+
+    Everything else (other modules, embeddings, norms, biases) stays at ``params_t``.
+    """
+    unknown = [m for m in modules if m not in MODULE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown modules {unknown}; expected names from {MODULE_NAMES}")
+    base = monitor.module_kernels(params_0, tuple(modules))
+    final = monitor.module_kernels(params_t, tuple(modules))
+    num_layers = next(iter(final.values())).shape[0]
+    mask = np.zeros(num_layers, bool)
+    selected = range(num_layers) if layers is None else layers
+    for layer in selected:
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {num_layers})")
+        mask[layer] = True
+    new = {
+        m: jnp.where(jnp.asarray(mask)[:, None, None], base[m], final[m]).astype(final[m].dtype) for m in modules
+    }
+    return monitor.replace_module_kernels(params_t, new)
+
+
+def marginal_utility(
+    params_0: Mapping[str, Any],
+    params_t: Mapping[str, Any],
+    evaluate: Callable[[Any], float],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    per_layer: bool = False,
+) -> dict[str, float]:
+    """Marginal utility of each module group's update: the score lost when its ΔW is reset.
+
+    For every group g (default ``monitor.MODULE_GROUPS``: "attn", "mlp" and each of q, k, v, o,
+    gate, up, down), the model ``reset_modules(params_0, params_t, groups[g])`` (the group's
+    attention/MLP kernels back at W_0 in every layer, everything else at W_t) is scored with
+    ``evaluate`` and
+        utility[g] = evaluate(params_t) − evaluate(reset_g).
+    With ``per_layer`` each layer ℓ (all 7 matrices) is a group too, ``layer_{ℓ}``.
+
+    Args:
+      params_0, params_t: base and trained params (same architecture and layout).
+      evaluate: ``params -> float``, higher is better (e.g. validation accuracy). It receives a
+        params tree in ``params_t``'s layout; it is called 2 + len(groups) (+ L) times.
+      groups: {name: module names}.
+      per_layer: also reset one layer at a time.
+
+    Returns:
+      {"score/full", "score/base", "score/reset_<g>", "utility/<g>"} as floats.
+    """
+    monitor.check_same_architecture(params_0, params_t, ("params_0", "params_t"))
+    resets: list[tuple[str, tuple[str, ...], list[int] | None]] = [
+        (name, tuple(modules), None) for name, modules in (monitor.MODULE_GROUPS if groups is None else groups).items()
+    ]
+    if per_layer:
+        _, num_layers = monitor.param_layout(params_t)
+        resets += [(f"layer_{layer}", MODULE_NAMES, [layer]) for layer in range(num_layers)]
+    full = float(evaluate(params_t))
+    out = {"score/full": full, "score/base": float(evaluate(params_0))}
+    for name, modules, layers in resets:
+        score = float(evaluate(reset_modules(params_0, params_t, modules, layers)))
+        out[f"score/reset_{name}"] = score
+        out[f"utility/{name}"] = full - score
+        _log(f"marginal utility {name}: score {score:.4f}, utility {full - score:+.4f}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m effopd_jax.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="base first; HF or orbax dirs")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--k", type=int, default=8, help="top-k for energy and overlaps (default 8)")
+    parser.add_argument("--rank-k-export", type=int, default=None, metavar="K",
+                        help="write the rank-K reconstruction of the last checkpoint as a HF checkpoint")
+    parser.add_argument("--alpha", type=float, default=1.0, help="α of the rank-K reconstruction")
+    parser.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--svd-method", default="auto", choices=["auto", "randomized", "exact"])
+    parser.add_argument("--topk-only", action="store_true",
+                        help="randomized top-k SVD only (fast; erank_topk instead of the exact erank)")
+    parser.add_argument("--keep-order", action="store_true", help="do not sort by the step number in the names")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    analyze(
+        args.checkpoints, args.out, k=args.k, rank_k_export=args.rank_k_export, alpha=args.alpha,
+        export_dtype=args.export_dtype, svd_method=args.svd_method, full_spectrum=not args.topk_only,
+        keep_order=args.keep_order, seed=args.seed, plots=not args.no_plots,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

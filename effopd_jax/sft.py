@@ -1,0 +1,308 @@
+"""Supervised warm-up (SFT) of a Qwen model on prompt/response rows: the demo's teacher and student.
+
+    python -m effopd_jax.sft --task_dir DIR --tokenizer DIR --out DIR [--hidden_size 64 ...]
+
+Teacher forcing on ``chat_template(prompt) + response + <|im_end|>``; the loss is the mean
+next-token cross-entropy over the response tokens only (the final ``<|im_end|>`` included, so
+the model learns to stop):
+
+    L(theta) = - sum_{b,t} m[b,t] log p_theta(x[b,t+1] | x[b,<=t]) / sum_{b,t} m[b,t]
+
+with ``m[b,t] = 1`` iff token ``t+1`` of row ``b`` is a response token. AdamW with a linear
+warm-up then cosine decay, global-norm clipping, one jitted step. Greedy test accuracy comes from
+:func:`effopd_jax.sampling.generate` and the task's exact-match checker. The result is an HF
+checkpoint (``convert.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
+checkpoint. Everything is a function of the arguments and the seed (init, data order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from effopd_jax import convert, data, grading, sampling
+from effopd_jax import sharding as sharding_lib
+from effopd_jax.models.qwen import Qwen, QwenConfig, init_params
+
+PyTree = Any
+MARKER_FILE = "effopd_sft.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSettings:
+    """Hyper-parameters of one warm-up run (all part of the cache key)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_train_examples: int = 0  # 0: all rows of train.jsonl
+    max_test_examples: int = 0  # 0: all rows of test.jsonl
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFTSettings.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"SFTSettings.learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"SFTSettings.warmup_steps: must be in [0, steps], got {self.warmup_steps}")
+
+
+def read_rows(path: str, limit: int = 0) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file (the first ``limit`` when ``limit > 0``)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The chat-templated prompt with the assistant generation prompt, as token ids."""
+    text = data.render_prompt(tokenizer, [{"role": "user", "content": prompt}], chat_template_kwargs={})
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_sft_rows(tokenizer, rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded teacher-forcing arrays for ``prompt + response + eos``.
+
+    Returns:
+      ``input_ids [n, seq]`` int32, ``attention_mask [n, seq]`` bool, ``loss_mask [n, seq]``
+      float32 where ``loss_mask[i, t] = 1`` iff token ``t + 1`` is a response token (so the
+      prediction made at position ``t`` is scored). ``seq`` is the longest row rounded up to 8.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer: has no eos token; SFT needs one to teach the model to stop")
+    sequences, prompt_lengths = [], []
+    for row in rows:
+        prompt = prompt_token_ids(tokenizer, row["prompt"])
+        response = list(tokenizer(row["response"], add_special_tokens=False)["input_ids"])
+        sequences.append(prompt + response + [tokenizer.eos_token_id])
+        prompt_lengths.append(len(prompt))
+    seq = -(-max(len(s) for s in sequences) // 8) * 8
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(rows), seq), pad, np.int32)
+    attention = np.zeros((len(rows), seq), bool)
+    loss_mask = np.zeros((len(rows), seq), np.float32)
+    for i, (tokens, prompt_len) in enumerate(zip(sequences, prompt_lengths)):
+        ids[i, : len(tokens)] = tokens
+        attention[i, : len(tokens)] = True
+        # Position t predicts token t+1: score t in [prompt_len - 1, len - 2].
+        loss_mask[i, prompt_len - 1 : len(tokens) - 1] = 1.0
+    return ids, attention, loss_mask
+
+
+def sft_loss(
+    params: PyTree, config: QwenConfig, input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array
+) -> jax.Array:
+    """Masked mean next-token cross-entropy (module docstring). Inputs ``[batch, seq]``; scalar out."""
+    logits = Qwen(config).apply({"params": params}, input_ids, attention_mask=attention_mask)  # [b, s, v]
+    token_nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
+    mask = loss_mask[:, :-1]
+    return jnp.sum(token_nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_sft_optimizer(settings: SFTSettings) -> optax.GradientTransformation:
+    """Clip -> AdamW with linear warm-up and cosine decay to 10% of the peak rate."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        decay_steps=settings.steps,
+        end_value=0.1 * settings.learning_rate,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(settings.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=settings.weight_decay),
+    )
+
+
+def sft_step(params, opt_state, batch, *, config: QwenConfig, optimizer: optax.GradientTransformation):
+    """One AdamW step on ``batch = (input_ids, attention_mask, loss_mask)``; returns (params, opt_state, loss)."""
+    loss, grads = jax.value_and_grad(sft_loss)(params, config, *batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def greedy_accuracy(
+    config: QwenConfig, params: PyTree, tokenizer, rows: Sequence[dict], *, max_new_tokens: int,
+    batch_size: int = 128, mesh=None,
+) -> float:
+    """Fraction of ``rows`` whose greedy answer the row's grader accepts (exact match here)."""
+    eos = (tokenizer.eos_token_id,)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        out = sampling.generate(
+            config, params, [prompt_token_ids(tokenizer, r["prompt"]) for r in chunk],
+            max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos, pad_token_id=pad, mesh=mesh,
+        )
+        for row, tokens, mask in zip(chunk, out.tokens, out.mask):
+            text = tokenizer.decode(tokens[mask], skip_special_tokens=True)
+            correct += grading.grade(text, row["answer"], row["data_source"]) > 0
+    return correct / len(rows)
+
+
+def run_sft(
+    model_config: QwenConfig,
+    task_dir: str,
+    tokenizer_dir: str,
+    out_dir: str,
+    settings: SFTSettings = SFTSettings(),
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    log: Callable[..., None] = print,
+) -> dict:
+    """Trains ``model_config`` from a random init on ``task_dir/train.jsonl``; saves to ``out_dir``.
+
+    Reuses ``out_dir`` when its marker records the same architecture, settings and data files
+    (checked by size and mtime-free content hash of the row count), so repeated demos are cheap.
+
+    Returns:
+      ``{"test_accuracy", "final_loss", "train_seconds", ...}`` (also written to the marker).
+    """
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    if model_config.vocab_size < len(tokenizer):
+        raise ValueError(f"model_config.vocab_size: {model_config.vocab_size} < tokenizer size {len(tokenizer)}")
+    key = {"config": model_config.to_hf(), "settings": dataclasses.asdict(settings),
+           "task": _file_digest(os.path.join(task_dir, "train.jsonl"), os.path.join(task_dir, "test.jsonl"))}
+    key = json.loads(json.dumps(key))
+    marker_path = os.path.join(out_dir, MARKER_FILE)
+    if os.path.exists(marker_path):
+        with open(marker_path) as f:
+            marker = json.load(f)
+        if marker.get("key") == key:
+            log(f"sft: reusing {out_dir} (test accuracy {marker['result']['test_accuracy']:.3f})")
+            return marker["result"]
+
+    train_rows = read_rows(os.path.join(task_dir, "train.jsonl"), settings.max_train_examples)
+    test_rows = read_rows(os.path.join(task_dir, "test.jsonl"), settings.max_test_examples)
+    input_ids, attention, loss_mask = encode_sft_rows(tokenizer, train_rows)
+    max_new_tokens = int(loss_mask.sum(axis=1).max()) + 8  # longest response + slack
+
+    mesh = sharding_lib.make_mesh(data=1, fsdp=1, tensor=1, devices=list(devices or jax.devices())[:1])
+    shardings = sharding_lib.param_shardings(model_config, mesh)
+    params = init_params(model_config, jax.random.key(settings.seed), shardings=shardings)
+    optimizer = make_sft_optimizer(settings)
+    opt_state = optimizer.init(params)
+    step_fn = jax.jit(functools.partial(sft_step, config=model_config, optimizer=optimizer), donate_argnums=(0, 1))
+
+    order_rng = np.random.default_rng(settings.seed)
+    order = order_rng.permutation(len(train_rows))
+    cursor = 0
+    t0 = time.perf_counter()
+    losses = []
+    for step in range(settings.steps):
+        if cursor + settings.batch_size > len(order):  # a new epoch, reshuffled
+            order, cursor = order_rng.permutation(len(train_rows)), 0
+        idx = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        with sharding_lib.sharding_context(mesh):
+            params, opt_state, loss = step_fn(params, opt_state, (input_ids[idx], attention[idx], loss_mask[idx]))
+        if (step + 1) % max(1, settings.steps // 10) == 0 or step + 1 == settings.steps:
+            losses.append(float(loss))
+            log(f"sft step {step + 1}/{settings.steps}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
+    train_seconds = time.perf_counter() - t0
+
+    params = jax.device_get(params)
+    accuracy = greedy_accuracy(
+        model_config, params, tokenizer, test_rows, max_new_tokens=max_new_tokens, batch_size=settings.eval_batch_size
+    )
+    log(f"sft: greedy test accuracy {accuracy:.3f} on {len(test_rows)} problems")
+    os.makedirs(out_dir, exist_ok=True)
+    convert.save_hf(model_config, params, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    result = {
+        "test_accuracy": accuracy,
+        "final_loss": losses[-1],
+        "train_seconds": train_seconds,
+        "num_test": len(test_rows),
+        "max_new_tokens": max_new_tokens,
+    }
+    with open(marker_path, "w") as f:  # written last: a half-written directory is redone
+        json.dump({"key": key, "result": result}, f, indent=2)
+    return result
+
+
+def _file_digest(*paths: str) -> list[str]:
+    """Content digests of the data files (the cache must notice regenerated task files)."""
+    import hashlib  # noqa: PLC0415
+
+    digests = []
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.append(hashlib.sha256(f.read()).hexdigest()[:16])
+    return digests
+
+
+def qwen3_for_task(vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int = 4,
+                   num_kv_heads: int = 2, head_dim: int = 16, intermediate_size: int | None = None,
+                   eos_token_id: int, pad_token_id: int) -> QwenConfig:
+    """A small Qwen3-architecture config over the task's tokenizer (tied embeddings, float32)."""
+    return QwenConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=True,
+        model_type="qwen3",
+        rope_theta=10_000.0,
+        max_position_embeddings=512,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=pad_token_id,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task_dir", required=True, help="holds train.jsonl and test.jsonl")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    parser.add_argument("--out", required=True, help="output HF checkpoint directory")
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=SFTSettings.steps)
+    parser.add_argument("--batch_size", type=int, default=SFTSettings.batch_size)
+    parser.add_argument("--learning_rate", type=float, default=SFTSettings.learning_rate)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tokenizer = data.load_tokenizer(args.tokenizer)
+    config = qwen3_for_task(
+        len(tokenizer), hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    settings = SFTSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                           warmup_steps=min(50, args.steps), seed=args.seed)
+    print(json.dumps(run_sft(config, args.task_dir, args.tokenizer, args.out, settings), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The demo job: SFT warm-up pieces, the summary arithmetic, and the fast demo end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from effopd_jax import convert, data, demo, sft
+from effopd_jax.tasks import arithmetic
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    arithmetic.make_task_files(str(root), 0, 64, 8, 16, max_digits=2)
+    arithmetic.save_tokenizer(str(root / "tokenizer"))
+    return str(root), data.load_tokenizer(str(root / "tokenizer"))
+
+
+def test_encode_sft_rows_scores_exactly_the_response_and_eos(task):
+    task_dir, tokenizer = task
+    rows = sft.read_rows(os.path.join(task_dir, "train.jsonl"), limit=5)
+    ids, attention, loss_mask = sft.encode_sft_rows(tokenizer, rows)
+    assert ids.shape == attention.shape == loss_mask.shape and ids.shape[1] % 8 == 0
+    for row, tok, att, m in zip(rows, ids, attention, loss_mask):
+        scored = tok[1:][m[:-1] > 0]  # the tokens the scored positions predict
+        assert tokenizer.decode(scored) == row["response"] + arithmetic.EOS_TOKEN
+        prompt_len = int(att.sum()) - len(scored)
+        assert tokenizer.decode(tok[:prompt_len]) == (
+            f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+
+def test_sft_loss_matches_torch_cross_entropy(task, tmp_path):
+    """Our masked loss on random weights == torch's cross-entropy of transformers' Qwen3."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+
+    from effopd_jax.models.qwen import init_params
+
+    task_dir, tokenizer = task
+    config = sft.qwen3_for_task(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    params = jax.device_get(init_params(config, jax.random.key(3)))
+    convert.save_hf(config, params, str(tmp_path))
+    ids, attention, loss_mask = sft.encode_sft_rows(tokenizer, sft.read_rows(os.path.join(task_dir, "train.jsonl"), 4))
+    ours = float(sft.sft_loss(params, config, ids, attention, loss_mask))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(attention, dtype=torch.long)).logits
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), torch.tensor(ids[:, 1:], dtype=torch.long).reshape(-1),
+        reduction="none",
+    ).numpy()
+    mask = loss_mask[:, :-1].reshape(-1)
+    reference = float((nll * mask).sum() / mask.sum())
+    assert ours == pytest.approx(reference, rel=1e-4)
+    assert ours == pytest.approx(math.log(len(tokenizer)), rel=0.1)  # random init: about uniform
+
+
+def test_summarize_against_hand_computation():
+    opd = [{"step": 0, "accuracy": 0.2, "seconds": 0.0}, {"step": 5, "accuracy": 0.5, "seconds": 10.0},
+           {"step": 10, "accuracy": 0.7, "seconds": 20.0}, {"step": 15, "accuracy": 0.8, "seconds": 30.0}]
+    eff = [{"step": 0, "accuracy": 0.2, "seconds": 0.0}, {"step": 5, "accuracy": 0.79, "seconds": 12.0},
+           {"step": 10, "accuracy": 0.85, "seconds": 26.0}, {"step": 15, "accuracy": 0.84, "seconds": 40.0}]
+    s = demo.summarize(opd, eff, teacher_accuracy=0.95)
+    assert s["target"] == pytest.approx(0.2 + 0.95 * 0.6)  # 0.77
+    assert s["opd"]["steps_to_target"] == 15 and s["effopd"]["steps_to_target"] == 5
+    assert s["speedup_steps"] == pytest.approx(3.0)
+    assert s["speedup_wallclock"] == pytest.approx(30.0 / 12.0)
+    assert s["opd"]["final_accuracy"] == 0.8 and s["effopd"]["final_accuracy"] == 0.84
+    # EffOPD never reaching the target: no speed-up, not a made-up one.
+    slow = [dict(p, accuracy=min(p["accuracy"], 0.5)) for p in eff]
+    s = demo.summarize(opd, slow, teacher_accuracy=0.95)
+    assert s["effopd"]["steps_to_target"] is None and s["speedup_steps"] is None
+    # No OPD gain: no target at all.
+    flat = [dict(p, accuracy=0.2) for p in opd]
+    s = demo.summarize(flat, eff, teacher_accuracy=0.95)
+    assert s["target"] is None and s["speedup_steps"] is None and s["speedup_wallclock"] is None
+    text = demo.format_table(demo.summarize(opd, eff, teacher_accuracy=0.95))
+    assert len(text.splitlines()) == 1 + 4 and "0.790" in text
+
+
+def test_accuracy_curve_sums_step_seconds_up_to_each_eval():
+    records = [
+        {"kind": "eval", "step": 0, "eval/mean_at_n": 0.1, "elapsed_seconds": 0.0},
+        {"step": 1, "step_seconds": 1.5}, {"step": 2, "step_seconds": 2.0},
+        {"kind": "eval", "step": 2, "eval/mean_at_n": 0.4, "elapsed_seconds": 9.0},
+        {"step": 3, "step_seconds": 0.5},
+        {"kind": "eval", "step": 3, "eval/mean_at_n": 0.6, "elapsed_seconds": 12.0},
+    ]
+    curve = demo.accuracy_curve(records)
+    assert [p["step"] for p in curve] == [0, 2, 3]
+    assert [p["seconds"] for p in curve] == pytest.approx([0.0, 3.5, 4.0])
+    with pytest.raises(ValueError, match="records"):
+        demo.accuracy_curve(records[1:3])
+
+
+def test_sft_is_deterministic_for_a_seed(task, tmp_path):
+    task_dir, tokenizer = task
+    config = sft.qwen3_for_task(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    settings = sft.SFTSettings(steps=3, batch_size=8, warmup_steps=1, seed=5, max_test_examples=4)
+    tok_dir = os.path.join(task_dir, "tokenizer")
+    outs = [sft.run_sft(config, task_dir, tok_dir, str(tmp_path / name), settings, log=lambda *a: None)
+            for name in ("a", "b")]
+    assert outs[0]["final_loss"] == outs[1]["final_loss"]
+    _, pa = convert.load_hf(str(tmp_path / "a"))
+    _, pb = convert.load_hf(str(tmp_path / "b"))
+    import jax
+
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    # A second call with the same settings reuses the directory (marker), without training.
+    again = sft.run_sft(config, task_dir, tok_dir, str(tmp_path / "a"), settings, log=lambda *a: None)
+    assert again == outs[0]
+
+
+@pytest.mark.slow  # ~35 s of CPU; 80 s warm-cache / ~9 min cold-cache wall under heavy shared load
+def test_fast_demo_end_to_end(tmp_path):
+    settings = demo.fast_settings(seed=0)
+    summary = demo.run_demo(settings, str(tmp_path), foresight=False, log=lambda *a, **k: None)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    for key in ("teacher_accuracy", "student_initial_accuracy", "target", "target_definition",
+                "speedup_steps", "speedup_wallclock"):
+        assert key in on_disk
+    for arm in ("opd", "effopd"):
+        for key in ("final_accuracy", "steps_to_target", "seconds_to_target", "curve"):
+            assert key in on_disk[arm]
+        curve = on_disk[arm]["curve"]
+        assert [p["step"] for p in curve] == [0, 2, 4]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in curve)
+        assert all(b["seconds"] >= a["seconds"] for a, b in zip(curve, curve[1:]))
+        assert on_disk[arm]["final_accuracy"] == curve[-1]["accuracy"]
+    for key in ("teacher_accuracy", "student_initial_accuracy"):
+        assert 0.0 <= on_disk[key] <= 1.0
+    # Both arms start from the same student: identical step-0 evaluations.
+    assert on_disk["opd"]["curve"][0]["accuracy"] == on_disk["effopd"]["curve"][0]["accuracy"]
+    assert on_disk["student_initial_accuracy"] == on_disk["opd"]["curve"][0]["accuracy"]
+    # The summary is a function of the curves: recomputing it gives the same numbers.
+    again = demo.summarize(on_disk["opd"]["curve"], on_disk["effopd"]["curve"],
+                           teacher_accuracy=on_disk["teacher_accuracy"])
+    for key in ("target", "speedup_steps", "speedup_wallclock"):
+        assert again[key] == on_disk[key]
+    if on_disk["target"] is not None and on_disk["effopd"]["steps_to_target"]:
+        assert on_disk["speedup_steps"] == pytest.approx(
+            on_disk["opd"]["steps_to_target"] / on_disk["effopd"]["steps_to_target"])
+    assert summary["teacher_accuracy"] == on_disk["teacher_accuracy"]
