@@ -462,7 +462,7 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     fig.colorbar(image, ax=ax, label="‖ΔW‖_F / ‖W_0‖_F")
     if L * len(modules) <= 200:
         for (layer, col), value in np.ndenumerate(rel):
-            ax.text(col, layer, f"{value:.2g}", ha="center", va="center", fontsize=7,
+            ax.text(col, layer, f"{value:.3g}", ha="center", va="center", fontsize=7,
                     color="white" if value < rel.max() * 0.6 else "black")
     paths.append(_save(fig, out_dir, "relative_update_heatmap.png"))
 
