@@ -25,8 +25,14 @@ from effopd_jax.tiny import GSM8K_FILE, ensure_random_checkpoint, tiny_qwen3_con
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_cpu_config():
-    """``configs/tiny_cpu.py``'s own ``get_config()`` (it writes its models under $EFFOPD_CACHE)."""
+def tiny_cpu_config(cache: str):
+    """``configs/tiny_cpu.py``'s own ``get_config()``, with its models under ``cache``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EFFOPD_CACHE", cache)
+        return _load_tiny_cpu()
+
+
+def _load_tiny_cpu():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
@@ -38,16 +44,7 @@ def tiny_cpu_config():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The student and teacher checkpoints of configs/tiny_cpu.py, written into a temp cache."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    previous = os.environ.get("EFFOPD_CACHE")
-    os.environ["EFFOPD_CACHE"] = cache
-    try:
-        config = tiny_cpu_config()
-    finally:
-        if previous is None:
-            os.environ.pop("EFFOPD_CACHE")
-        else:
-            os.environ["EFFOPD_CACHE"] = previous
+    config = tiny_cpu_config(cache=str(tmp_path_factory.mktemp("cache")))
     return config.student.path, config.teacher.path
 
 
@@ -72,16 +69,7 @@ def small_config(models, **overrides):
 def _tiny_cpu_with_models(student, teacher):
     # Point $EFFOPD_CACHE's layout at the fixture's checkpoints: tiny_cpu.py reuses a directory
     # whose marker matches, so this reads the same config without writing anything new.
-    cache = os.path.dirname(os.path.dirname(student))
-    previous = os.environ.get("EFFOPD_CACHE")
-    os.environ["EFFOPD_CACHE"] = cache
-    try:
-        config = tiny_cpu_config()
-    finally:
-        if previous is None:
-            os.environ.pop("EFFOPD_CACHE")
-        else:
-            os.environ["EFFOPD_CACHE"] = previous
+    config = tiny_cpu_config(cache=os.path.dirname(os.path.dirname(student)))
     assert (config.student.path, config.teacher.path) == (student, teacher)
     return config
 
