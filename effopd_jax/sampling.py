@@ -637,7 +637,9 @@ def _as_key(seed: int | jax.Array) -> jax.Array:
             return seed
         if seed.dtype == jnp.uint32 and seed.shape == (2,):
             return seed
-    raise ValueError(f"seed must be an int or a single PRNG key, got {type(seed).__name__} {getattr(seed, 'shape', '')}")
+    raise ValueError(
+        f"seed must be an int or a single PRNG key, got {type(seed).__name__} {getattr(seed, 'shape', '')}"
+    )
 
 
 def _compute_dtype(config: QwenConfig) -> Any:

@@ -100,13 +100,23 @@ def numpy_sampling_probs(logits, temperature, top_k=0, top_p=1.0):
     return probs / probs.sum()
 
 
+# jax.monitoring events of a jit cache miss: tracing, lowering to MLIR, XLA compilation. The
+# persistent compilation cache (tests/conftest.py) skips the last on a disk hit, never the
+# lowering, so a retrace/recompile cannot go unseen.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
 @contextlib.contextmanager
 def count_compilations():
-    """Counts XLA backend compilations (jax.monitoring's compile-duration event) in the block."""
+    """Counts trace / lower / compile events (``COMPILE_EVENTS``) of jitted programs in the block."""
     counter = {"n": 0}
 
     def listener(event, duration_secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event in COMPILE_EVENTS:
             counter["n"] += 1
 
     jax.monitoring.register_event_duration_secs_listener(listener)
