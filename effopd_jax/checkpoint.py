@@ -1,10 +1,12 @@
 """Save / resume of a training run with orbax's CheckpointManager.
 
-A checkpoint is one step directory with three items:
-  state  the train state pytree (params, optimizer state incl. the EffOPD anchor, step, rng),
-         saved with its shardings and restored into the target shardings;
-  data   the data iterator's state (JSON), so a resumed run continues at the next batch;
-  meta   small JSON facts (step, wall-clock so far, counters) for humans and the trainer.
+A checkpoint is one step directory with three items, plus an optional fourth:
+  state    the train state pytree (params, optimizer state incl. the EffOPD anchor, step, rng),
+           saved with its shardings and restored into the target shardings;
+  data     the data iterator's state (JSON), so a resumed run continues at the next batch;
+  meta     small JSON facts (step, wall-clock so far, counters) for humans and the trainer;
+  monitor  the live foresight monitor's reference bases (when it has any), so the first monitor
+           pass after a resume measures subspace overlap exactly as an uninterrupted run would.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous complete checkpoint as the latest one.
@@ -40,40 +42,47 @@ class RunCheckpointer:
             save_interval_steps=1,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory, options=options, item_names=("state", "data", "meta", "monitor")
         )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: PyTree, data_state: dict, meta: dict) -> None:
-        """Starts saving ``step`` (asynchronously when enabled)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
+    def save(self, step: int, state: PyTree, data_state: dict, meta: dict, monitor: PyTree | None = None) -> None:
+        """Starts saving ``step`` (asynchronously when enabled); ``monitor`` is optional."""
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
         )
+        if monitor is not None:
+            items["monitor"] = ocp.args.StandardSave(monitor)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict, dict]:
+    def restore(
+        self, step: int, abstract_state: PyTree, abstract_monitor: PyTree | None = None
+    ) -> tuple[PyTree, dict, dict, PyTree | None]:
         """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (e.g.
-        from ``jax.eval_shape`` plus the trainer's shardings).
+        from ``jax.eval_shape`` plus the trainer's shardings). The monitor item is restored
+        into ``abstract_monitor`` when both it and the item exist; otherwise None comes back.
+
+        Returns:
+          ``(state, data_state, meta, monitor_or_None)``.
         """
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
         )
-        return restored.state, restored.data, restored.meta
+        has_monitor = os.path.isdir(os.path.join(self.directory, str(step), "monitor"))
+        if abstract_monitor is not None and has_monitor:
+            items["monitor"] = ocp.args.StandardRestore(abstract_monitor)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        monitor = restored.monitor if "monitor" in items else None
+        return restored.state, restored.data, restored.meta, monitor
 
     def wait(self) -> None:
         """Blocks until every pending asynchronous save has committed."""

@@ -569,6 +569,17 @@ def _to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 0)
 
 
+def _balanced_chunk_size(seq: int, chunk_size: int) -> int:
+    """The smallest chunk length that covers ``seq`` in as many chunks as ``chunk_size`` needs.
+
+    Padding ``seq`` up to a multiple of ``chunk_size`` would waste up to ``chunk_size - 1``
+    positions of lm_head work (a 512 chunk on a 32-token response does 16x the work); spreading
+    ``seq`` evenly over the same number of chunks keeps the padding below the number of chunks.
+    """
+    num_chunks = max(1, -(-seq // chunk_size))
+    return max(1, -(-seq // num_chunks))
+
+
 def _from_chunks(x: jax.Array, seq: int) -> jax.Array:
     """``[num_chunks, batch, chunk_size, ...] -> [batch, seq, ...]`` (drops the padding)."""
     num_chunks, batch, chunk_size = x.shape[:3]
@@ -791,7 +802,8 @@ def chunked_token_logprobs(
       hidden: ``[batch, seq, hidden]`` final (normed) hidden states, any float dtype.
       lm_head_weight: ``[hidden, vocab]`` (e.g. ``models.qwen.lm_head_weight(config, params)``).
       tokens: ``[batch, seq]`` int token ids; ``tokens[b, t]`` is scored by ``hidden[b, t]``.
-      chunk_size: sequence positions per chunk (static). ``seq`` need not be a multiple of it.
+      chunk_size: at most this many sequence positions per chunk (static); ``seq`` is split
+        evenly over ``ceil(seq / chunk_size)`` chunks, so it need not be a multiple of it.
       vocab_block_size: columns of the lm_head gradient accumulated per step (static).
       temperature: logits are divided by it (the sampler's temperature).
 
@@ -810,6 +822,7 @@ def chunked_token_logprobs(
     _check_positive_int("vocab_block_size", vocab_block_size)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"`temperature` must be a positive float; got {temperature!r}.")
+    chunk_size = _balanced_chunk_size(hidden.shape[1], chunk_size)
     return _chunked_logprobs(
         hidden, lm_head_weight, tokens, chunk_size, vocab_block_size, float(temperature)
     )
@@ -840,7 +853,8 @@ def chunked_reverse_kl(
       student_lm_head: ``[student_hidden, vocab]``.
       teacher_hidden: ``[batch, seq, teacher_hidden]`` (the teacher's width may differ).
       teacher_lm_head: ``[teacher_hidden, vocab]``; same ``vocab`` as the student.
-      chunk_size: sequence positions per chunk (static).
+      chunk_size: at most this many sequence positions per chunk (static); see
+        ``chunked_token_logprobs``.
       vocab_block_size: columns of the lm_head gradient accumulated per step (static).
       topk: ``None`` for the exact full-vocabulary KL, or ``k`` for the top-k + tail KL (static).
 
@@ -873,6 +887,7 @@ def chunked_reverse_kl(
     _check_chunk_size(chunk_size)
     _check_positive_int("vocab_block_size", vocab_block_size)
     _check_topk(topk, student_lm_head.shape[1], name="topk")
+    chunk_size = _balanced_chunk_size(student_hidden.shape[1], chunk_size)
     return _chunked_kl(
         student_hidden,
         student_lm_head,

@@ -44,7 +44,7 @@ class MetricsWriter:
     TensorBoard event files are written too when ``tensorboardX`` is importable.
     """
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    def __init__(self, workdir: str, *, resume_step: int | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -59,7 +59,7 @@ class MetricsWriter:
         except ImportError:
             self._tb = None
 
-    def _truncate_after(self, resume_step: int) -> None:
+    def _truncate_after(self, resume_step: int | None) -> None:
         if not os.path.exists(self.path):
             return
         kept = []
@@ -71,7 +71,7 @@ class MetricsWriter:
                     record = json.loads(raw)
                 except json.JSONDecodeError:
                     break
-                if int(record.get("step", 0)) <= resume_step:
+                if resume_step is not None and int(record.get("step", 0)) <= resume_step:
                     kept.append(raw)
         tmp = self.path + ".tmp"
         with open(tmp, "wb") as f:

@@ -775,13 +775,33 @@ class Monitor:
     ``metrics = monitor.maybe_run(step, params)`` returns a ``dict[str, float]`` every
     ``config.every`` steps (step % every == 0, step > 0) and None otherwise. The PRNG key of a
     pass is ``fold_in(PRNGKey(seed), step)``, so a resumed run reproduces the same sketches.
-    After a resume the state's reference bases are empty: the first pass after it has no overlap.
+    The reference bases of the last pass go into the trainer's checkpoints
+    (:meth:`reference_bases` / :meth:`set_reference_bases`), so a resumed run's passes equal an
+    uninterrupted run's.
     """
 
     def __init__(self, config: MonitorConfig, initial_params: Mapping[str, Any], *, seed: int = 0):
         self.config = config
         self.state = init_monitor_state(initial_params)
         self._key = jax.random.PRNGKey(seed)
+
+    def reference_bases(self) -> dict[str, dict[str, Array]] | None:
+        """``{"u": ref_u, "v": ref_v}``, the bases the next pass compares with (None before the
+        first pass): what a checkpoint must keep for an exact resume."""
+        if self.state.ref_u is None:
+            return None
+        return {"u": self.state.ref_u, "v": self.state.ref_v}
+
+    def abstract_reference_bases(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Shapes and dtypes of :meth:`reference_bases` after a pass over ``params`` (no compute)."""
+        new_state = jax.eval_shape(
+            lambda s, p: monitor_step(s, p, self._key, config=self.config)[0], self.state, params
+        )
+        return {"u": new_state.ref_u, "v": new_state.ref_v}
+
+    def set_reference_bases(self, bases: Mapping[str, Mapping[str, Array]]) -> None:
+        """Restores :meth:`reference_bases` (e.g. from a checkpoint)."""
+        self.state = self.state._replace(ref_u=dict(bases["u"]), ref_v=dict(bases["v"]))
 
     def should_run(self, step: int) -> bool:
         return self.config.every > 0 and step > 0 and step % self.config.every == 0

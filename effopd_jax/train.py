@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -51,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import config as config_lib
-from effopd_jax import convert, data, grading, losses, sampling
+from effopd_jax import convert, data, grading, losses, preemption, sampling
 from effopd_jax import metrics as metrics_lib
 from effopd_jax import monitor as monitor_lib
 from effopd_jax import sharding as sharding_lib
@@ -65,6 +66,10 @@ BATCH_AXES = sharding_lib.BATCH_AXES
 # ---------------------------------------------------------------------------------------------
 # State and batch
 # ---------------------------------------------------------------------------------------------
+
+
+class NonFiniteUpdatesError(FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient (``max_consecutive_skips``)."""
 
 
 class TrainState(NamedTuple):
@@ -157,7 +162,7 @@ def response_logprobs(
         response_ids,
         # Never a chunk longer than the response: padding a short response up to the chunk
         # would multiply the lm_head work.
-        chunk_size=min(chunk_size, response_ids.shape[1]),
+        chunk_size=chunk_size,
         temperature=temperature,
     )
 
@@ -215,7 +220,7 @@ def opd_loss(
         lm_head_weight(student_config, params),
         batch.teacher_hidden,
         teacher_head,
-        chunk_size=min(loss_config.chunk_size, batch.response_ids.shape[1]),
+        chunk_size=loss_config.chunk_size,
         topk=loss_config.topk if loss_config.name == "topk_reverse_kl" else None,
     )
     loss = losses.aggregate_token_losses(per_token_kl, mask, loss_config.aggregation)
@@ -343,6 +348,7 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         self.is_main = jax.process_index() == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
+        self._log_every_process = log  # for per-process events (a received signal)
         os.makedirs(self.workdir, exist_ok=True)
 
         # Mesh: refuses a shape that does not divide the device count.
@@ -472,14 +478,25 @@ class Trainer:
         self.elapsed_before = 0.0
         latest = self.checkpointer.latest_step()
         if latest is not None:
-            self.state, data_state, meta = self.checkpointer.restore(
-                latest, checkpoint_lib.abstract_like(self.state)
+            abstract_monitor = None
+            if self.monitor is not None:
+                replicated_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)  # noqa: E731
+                abstract_monitor = jax.tree.map(
+                    replicated_abstract, self.monitor.abstract_reference_bases(self.state.params)
+                )
+            self.state, data_state, meta, monitor_bases = self.checkpointer.restore(
+                latest, checkpoint_lib.abstract_like(self.state), abstract_monitor
             )
+            if monitor_bases is not None:
+                self.monitor.set_reference_bases(monitor_bases)
             self.data_iterator.set_state(data_state)
             self.elapsed_before = float(meta.get("elapsed_seconds", 0.0))
             self.log(f"resumed from {self.checkpointer.directory} at step {latest}")
         self.start_step = int(jax.device_get(self.state.step))
-        self.metrics = metrics_lib.MetricsWriter(self.workdir, resume_step=self.start_step, enabled=self.is_main)
+        # Without a checkpoint nothing in an old metrics.jsonl is valid (resume_step=None clears it).
+        self.metrics = metrics_lib.MetricsWriter(
+            self.workdir, resume_step=self.start_step if latest is not None else None, enabled=self.is_main
+        )
 
     # -- set-up helpers ---------------------------------------------------------------------
 
@@ -722,44 +739,78 @@ class Trainer:
 
     def save_checkpoint(self, step: int, elapsed: float) -> None:
         self.checkpointer.save(
-            step, self.state, self.data_iterator.get_state(), {"step": step, "elapsed_seconds": elapsed}
+            step,
+            self.state,
+            self.data_iterator.get_state(),
+            {"step": step, "elapsed_seconds": elapsed},
+            monitor=None if self.monitor is None else self.monitor.reference_bases(),
         )
 
+    def _eval_due(self, step: int) -> bool:
+        cfg = self.config
+        if not self.eval_examples:
+            return False
+        return step == cfg.total_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
     def run(self) -> dict:
-        """Trains from the current step to ``config.total_steps``; returns the last metrics."""
+        """Trains from the current step to ``config.total_steps``; returns the last metrics.
+
+        Everything a step writes (its metrics line, its evaluation) happens before its
+        checkpoint, so once checkpoint ``k`` exists, ``metrics.jsonl`` up to step ``k`` is final
+        and a resumed run appends from ``k + 1``. On SIGTERM / SIGINT (``config.preemption``) the
+        run finishes the current step, checkpoints it, waits for the save and returns early with
+        ``preempted=True``; rerunning the same command resumes.
+
+        Raises:
+          NonFiniteUpdatesError: ``config.max_consecutive_skips`` updates in a row had a
+            non-finite loss or gradient; the last checkpoint (written before them) is intact.
+        """
         cfg = self.config
         bar = metrics_lib.ProgressBar(cfg.total_steps, start=self.start_step, enabled=self.is_main)
         t_start = time.perf_counter()
         last: dict = {}
-        if self.start_step == 0 and self.eval_examples and cfg.eval_every:
-            self.metrics.write(self.evaluate(0) | {"elapsed_seconds": 0.0})
-        for step in range(self.start_step + 1, cfg.total_steps + 1):
-            record = self.train_one_step()
-            elapsed = self.elapsed_before + time.perf_counter() - t_start
-            if self.monitor is not None and self.monitor.should_run(step):
-                t_monitor = time.perf_counter()
-                record.update(self.monitor.run(step, self.state.params))
-                record["monitor_seconds"] = time.perf_counter() - t_monitor
-            record["elapsed_seconds"] = elapsed
-            self.metrics.write(record)
-            last = record
-            bar.update(step, loss=float(record["loss"]), kl=float(record.get("reverse_kl", float("nan"))))
-            consecutive = int(jax.device_get(self.state.consecutive_skips))
-            if consecutive >= cfg.max_consecutive_skips:
-                self.checkpointer.wait()
-                raise FloatingPointError(
-                    f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
-                    f"config.max_consecutive_skips={cfg.max_consecutive_skips}); stopping. The last good "
-                    f"checkpoint is in {self.checkpointer.directory}"
-                )
-            if self.eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-                self.metrics.write(self.evaluate(step) | {"elapsed_seconds": elapsed})
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                self.save_checkpoint(step, elapsed)
-        if self.eval_examples:
-            final_eval = self.evaluate(cfg.total_steps)
-            self.metrics.write(final_eval | {"elapsed_seconds": self.elapsed_before + time.perf_counter() - t_start})
-            last = last | final_eval
+        guard = preemption.PreemptionGuard(
+            cfg.preemption.grace_seconds, enabled=cfg.preemption.handle_signals, log=self._log_every_process
+        )
+        with guard:
+            if self.start_step == 0 and self.eval_examples and cfg.eval_every:
+                self.metrics.write(self.evaluate(0) | {"elapsed_seconds": 0.0})
+            for step in range(self.start_step + 1, cfg.total_steps + 1):
+                record = self.train_one_step()
+                elapsed = self.elapsed_before + time.perf_counter() - t_start
+                if self.monitor is not None and self.monitor.should_run(step):
+                    t_monitor = time.perf_counter()
+                    record.update(self.monitor.run(step, self.state.params))
+                    record["monitor_seconds"] = time.perf_counter() - t_monitor
+                record["elapsed_seconds"] = elapsed
+                self.metrics.write(record)
+                last = record
+                bar.update(step, loss=float(record["loss"]), kl=float(record.get("reverse_kl", float("nan"))))
+                consecutive = int(jax.device_get(self.state.consecutive_skips))
+                if consecutive >= cfg.max_consecutive_skips:
+                    self.checkpointer.wait()
+                    raise NonFiniteUpdatesError(
+                        f"{consecutive} consecutive updates had a non-finite loss or gradient (limit "
+                        f"config.max_consecutive_skips={cfg.max_consecutive_skips}); stopping at step {step}. "
+                        f"The last good checkpoint (step {self.checkpointer.latest_step()}) is in "
+                        f"{self.checkpointer.directory}"
+                    )
+                if self._eval_due(step):
+                    evaluation = self.evaluate(step)
+                    self.metrics.write(
+                        evaluation | {"elapsed_seconds": self.elapsed_before + time.perf_counter() - t_start}
+                    )
+                    last = last | evaluation
+                stopping = guard.should_stop()
+                if stopping or step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                    self.save_checkpoint(step, elapsed)
+                if stopping:
+                    self.checkpointer.wait()
+                    self.log(
+                        f"stopped at step {step} ({guard.received or 'signal on another process'}); "
+                        f"checkpoint saved in {self.checkpointer.directory}; rerun the same command to resume"
+                    )
+                    return last | {"preempted": True}
         self.checkpointer.wait()
         if cfg.export_hf:
             self.export_hf(os.path.join(self.workdir, "hf"))
@@ -778,6 +829,11 @@ class Trainer:
         self.metrics.close()
 
 
+# Exit codes of ``python -m effopd_jax.train`` besides 0 (finished, or stopped by a signal with
+# a checkpoint written) and 1 (an error; see the message).
+EXIT_NONFINITE = 3  # NonFiniteUpdatesError: max_consecutive_skips reached
+
+
 def main(argv) -> None:
     del argv
     from absl import flags  # noqa: PLC0415
@@ -787,6 +843,9 @@ def main(argv) -> None:
     trainer = Trainer(config, flags.FLAGS.workdir)
     try:
         last = trainer.run()
+    except NonFiniteUpdatesError as e:
+        print(f"effopd_jax.train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NONFINITE) from None
     finally:
         trainer.close()
     if trainer.is_main:

@@ -606,3 +606,42 @@ def test_chunked_path_never_materialises_full_logits():
     # top_k's sort buffers cost a few chunk-sized arrays more; still under one full logits array
     # (the naive top-k KL needs two).
     assert topk_kl < full_logits_bytes
+
+
+def test_chunked_bfloat16_inputs_compute_in_float32():
+    h, w, _, _, tokens, cot = _hidden_problem(seed=14)
+    h16, w16 = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+    def f(h_, w_):
+        out = losses.chunked_token_logprobs(h_, w_, tokens, chunk_size=4, vocab_block_size=16)
+        return jnp.sum(out * cot), out
+
+    (_, out), (g_h, g_w) = jax.value_and_grad(f, (0, 1), has_aux=True)(h16, w16)
+    assert out.dtype == jnp.float32 and g_h.dtype == jnp.bfloat16 and g_w.dtype == jnp.bfloat16
+    # Reference: the same bf16-rounded inputs, upcast, in float64.
+    h64, w64 = np.asarray(h16, np.float64), np.asarray(w16, np.float64)
+    ref = np.take_along_axis(np_log_softmax(h64 @ w64), tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_larger_than_sequence_costs_no_extra_lm_head_work():
+    # A 512-position chunk on a 33-token response must not project 512 padded positions: the
+    # compiled FLOPs equal those of a chunk exactly as long as the sequence.
+    h, w, th, tw, tokens, _ = _hidden_problem(seq=33, vocab=4096)
+
+    def flops(fn, chunk_size):
+        compiled = jax.jit(lambda *a: fn(*a, chunk_size=chunk_size)).lower(*args[fn]).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        return analysis["flops"]
+
+    logprobs = lambda h_, w_, t_, chunk_size: losses.chunked_token_logprobs(  # noqa: E731
+        h_, w_, t_, chunk_size=chunk_size)
+    kl = lambda h_, w_, th_, tw_, chunk_size: losses.chunked_reverse_kl(  # noqa: E731
+        h_, w_, th_, tw_, chunk_size=chunk_size)
+    args = {logprobs: (h, w, tokens), kl: (h, w, th, tw)}
+    for fn in (logprobs, kl):
+        exact = flops(fn, 33)
+        assert flops(fn, 512) == pytest.approx(exact, rel=1e-6)
+        # 33 positions in 2 chunks of 17: one padded position, not 31 (chunk 32 padded to 64).
+        assert flops(fn, 32) < 1.1 * exact
