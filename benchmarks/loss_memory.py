@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151_936)
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--vocab-block-size", type=int, default=8192)
     parser.add_argument("--loss", choices=("logprob", "kl"), default="logprob")
     parser.add_argument("--margin-gib", type=float, default=3.0,

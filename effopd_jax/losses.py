@@ -780,7 +780,7 @@ def chunked_token_logprobs(
     lm_head_weight: jax.Array,
     tokens: jax.Array,
     *,
-    chunk_size: int = 128,
+    chunk_size: int = 32,
     vocab_block_size: int = 8192,
     temperature: float = 1.0,
 ) -> jax.Array:
@@ -834,7 +834,7 @@ def chunked_reverse_kl(
     teacher_hidden: jax.Array,
     teacher_lm_head: jax.Array,
     *,
-    chunk_size: int = 128,
+    chunk_size: int = 32,
     vocab_block_size: int = 8192,
     topk: int | None = None,
 ) -> jax.Array:
