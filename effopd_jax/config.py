@@ -8,13 +8,23 @@ message naming the field. Defaults follow the authors' runs (``../shared/effopd_
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
+import numpy as np
 
 LOSSES = ("sampled_token", "full_reverse_kl", "topk_reverse_kl")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 SCHEDULES = ("constant", "cosine", "linear")
+# Integer settings become array sizes, loop bounds and int32 step counters on device.
+MAX_INT = 2**31 - 1
+DTYPES = ("float32", "bfloat16", "float16")
+PROMPT_FILE_SUFFIXES = (".jsonl", ".parquet")
+CHAT_TEMPLATE_KWARGS_TYPES = (ml_collections.ConfigDict, Mapping)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,6 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(samples_per_prompt=1, temperature=1.0, max_new_tokens=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.monitor = ml_collections.ConfigDict(dict(every=0, k=8))
+    # SIGTERM / SIGINT: finish the current step, checkpoint, wait for the save, exit 0. If that
+    # takes longer than `grace_seconds` the process exits with code 1 instead (the last complete
+    # checkpoint stays valid); set it below the scheduler's kill timeout (e.g. 30 s on GCE spot).
+    c.preemption = ml_collections.ConfigDict(dict(handle_signals=True, grace_seconds=120.0))
     return c
 
 
@@ -101,47 +115,212 @@ def _require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"config.{field}: {message}")
 
 
+def _show(value: Any) -> str:
+    """``repr`` of a config value, shortened so an error message stays one readable line."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  (a ConfigDict with mixed key types cannot even print itself)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _get(c: ml_collections.ConfigDict, field: str) -> Any:
+    """The value at dotted ``field``; a missing field (or a group that is not a group) is refused."""
+    value: Any = c
+    for depth, part in enumerate(field.split(".")):
+        if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
+            group = ".".join(field.split(".")[:depth])
+            raise ValueError(f"config.{group}: must be a group of settings, got {_show(value)}")
+        if part not in value:
+            raise ValueError(f"config.{field}: missing")
+        value = value[part]
+    return value
+
+
+def _int(c: ml_collections.ConfigDict, field: str, low: int, high: int = MAX_INT, *, also: tuple = ()) -> Any:
+    """An int (not a bool) in ``[low, high]``, or one of the special values ``also``."""
+    value = _get(c, field)
+    # Compared by type as well, so that -1.0 or True never pass for -1 or 1.
+    if any(type(value) is type(special) and value == special for special in also):
+        return value
+    allowed = f"an int in [{low}, {high}]" + (f" or one of {also}" if also else "")
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    _require(is_int and low <= value <= high, field, f"must be {allowed}, got {type(value).__name__} {_show(value)}")
+    return int(value)
+
+
+def _float(
+    c: ml_collections.ConfigDict,
+    field: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """A finite real number (an int is fine, a bool is not) in the given interval."""
+    value = _get(c, field)
+    if value is None and allow_none:
+        return None
+    _require(
+        isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)),
+        field,
+        f"must be a number, got {type(value).__name__} {_show(value)}",
+    )
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    # Written so that NaN fails: every comparison with NaN is False.
+    in_range = (
+        math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _require(in_range, field, f"must be finite and in {interval}, got {value}")
+    return value
+
+
+def _bool(c: ml_collections.ConfigDict, field: str) -> bool:
+    value = _get(c, field)
+    _require(isinstance(value, (bool, np.bool_)), field, f"must be True or False, got {_show(value)}")
+    return bool(value)
+
+
+def _choice(c: ml_collections.ConfigDict, field: str, choices: Sequence[str]) -> str:
+    value = _get(c, field)
+    _require(isinstance(value, str) and value in choices, field, f"must be one of {tuple(choices)}, got {_show(value)}")
+    return value
+
+
+def _str(c: ml_collections.ConfigDict, field: str) -> str:
+    value = _get(c, field)
+    _require(isinstance(value, str), field, f"must be a string, got {type(value).__name__} {_show(value)}")
+    return value
+
+
+def _optional_path(c: ml_collections.ConfigDict, field: str, *, directory: bool) -> str:
+    """``""`` (not set) or an existing directory (``directory``) / path."""
+    path = _str(c, field)
+    if path:
+        exists = os.path.isdir(path) if directory else os.path.exists(path)
+        _require(exists, field, f"no such {'directory' if directory else 'path'}: {path!r}")
+    return path
+
+
+def _files(c: ml_collections.ConfigDict, field: str) -> tuple[str, ...]:
+    """A tuple/list of existing ``.jsonl`` / ``.parquet`` files (a bare string is refused: it is
+    not a list of one file but a sequence of characters)."""
+    value = _get(c, field)
+    _require(
+        isinstance(value, (tuple, list)),
+        field,
+        f"must be a tuple of file paths, got {type(value).__name__} {_show(value)}",
+    )
+    for path in value:
+        _require(isinstance(path, str), field, f"every entry must be a path string, got {_show(path)}")
+        _require(os.path.isfile(path), field, f"no such file: {path!r}")
+        suffix = os.path.splitext(path)[1].lower()
+        _require(suffix in PROMPT_FILE_SUFFIXES, field, f"{path!r}: file type must be one of {PROMPT_FILE_SUFFIXES}")
+    return tuple(value)
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Checks ranges, enums and file existence; raises ValueError naming the field."""
-    _require(c.total_steps >= 1, "total_steps", f"must be >= 1, got {c.total_steps}")
-    _require(c.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {c.checkpoint_every}")
-    _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
-    _require(c.eval_every >= 0, "eval_every", f"must be >= 0, got {c.eval_every}")
-    _require(c.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+    """Checks every field's type and range, the enums, and that the named files exist.
+
+    Runs before anything is loaded or compiled. Integers must be ints (not bools or floats) and
+    fit in int32 (the seed: uint32); floats must be real numbers (ints are fine), finite, and in range (NaN fails
+    every check); paths must exist. Raises ValueError whose message starts ``config.<field>:``.
+    """
+    from effopd_jax.models.qwen import REMAT_POLICIES  # noqa: PLC0415  (keeps this module light)
+
+    _int(c, "seed", 0, 2**32 - 1)
+    _int(c, "total_steps", 1)
+    _int(c, "checkpoint_every", 1)
+    _int(c, "keep_checkpoints", 1)
+    _int(c, "eval_every", 0)
+    _int(c, "log_every", 1)
+    _bool(c, "export_hf")
+    _int(c, "max_consecutive_skips", 1)
+    _bool(c, "preemption.handle_signals")
+    _float(c, "preemption.grace_seconds", low=0.0, low_open=True)
+
     for role in ("student", "teacher"):
-        path = c[role].path
+        path = _str(c, f"{role}.path")
         _require(bool(path), f"{role}.path", "is required (an HF checkpoint directory)")
         _require(os.path.isdir(path), f"{role}.path", f"no such directory: {path!r}")
         _require(
             os.path.exists(os.path.join(path, "config.json")), f"{role}.path", f"{path!r} has no config.json"
         )
-    if c.init_from:
-        _require(os.path.exists(c.init_from), "init_from", f"no such path: {c.init_from!r}")
-    _require(len(c.data.train_files) > 0, "data.train_files", "needs at least one file")
-    for field in ("data.train_files", "data.eval_files", "effopd.val_files"):
-        group, name = field.split(".")
-        for path in c[group][name]:
-            _require(os.path.exists(path), field, f"no such file: {path!r}")
-    _require(c.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
-    _require(c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
-    _require(c.data.on_bad_row in ("skip", "raise"), "data.on_bad_row", "must be 'skip' or 'raise'")
-    _require(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    _require(c.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
-    _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}")
-    _require(c.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
-    _require(c.rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
-    _require(c.loss.name in LOSSES, "loss.name", f"must be one of {LOSSES}, got {c.loss.name!r}")
-    _require(c.loss.aggregation in AGGREGATIONS, "loss.aggregation", f"must be one of {AGGREGATIONS}")
-    _require(c.loss.is_threshold > 0, "loss.is_threshold", "must be > 0")
-    _require(c.loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
-    _require(c.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
-    _require(c.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}")
-    _require(0 <= c.optimizer.b1 < 1 and 0 <= c.optimizer.b2 < 1, "optimizer.b1/b2", "must be in [0, 1)")
-    _require(c.optimizer.grad_clip > 0, "optimizer.grad_clip", "must be > 0")
-    _require(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-    if c.effopd.enabled:
-        _require(len(c.effopd.val_files) > 0, "effopd.val_files", "EffOPD scores candidates on a validation set")
-        _require(c.effopd.max_candidates >= 1, "effopd.max_candidates", "must be >= 1")
+        _choice(c, f"{role}.param_dtype", DTYPES)
+        _choice(c, f"{role}.compute_dtype", DTYPES)
+        _bool(c, f"{role}.scan_layers")
+    _choice(c, "student.remat", REMAT_POLICIES)
+    _optional_path(c, "teacher.tokenizer", directory=True)
+    _optional_path(c, "init_from", directory=False)
+    _optional_path(c, "tokenizer", directory=True)
+
+    _require(len(_files(c, "data.train_files")) > 0, "data.train_files", "needs at least one file")
+    _files(c, "data.eval_files")
+    _int(c, "data.prompts_per_step", 1)
+    _int(c, "data.max_prompt_length", 1)
+    _bool(c, "data.shuffle")
+    _int(c, "data.num_epochs", 0)
+    kwargs = _get(c, "data.chat_template_kwargs")
+    try:
+        # A ConfigDict sorts its keys to list them, which fails (TypeError) on mixed key types.
+        names = list(kwargs.keys()) if isinstance(kwargs, CHAT_TEMPLATE_KWARGS_TYPES) else None
+    except TypeError:
+        names = None
+    _require(
+        names is not None and all(isinstance(name, str) for name in names),
+        "data.chat_template_kwargs",
+        f"must be a mapping of template variable names (strings) to values, got {_show(kwargs)}",
+    )
+    _choice(c, "data.on_bad_row", ("skip", "raise"))
+    _int(c, "data.max_eval_prompts", 0)
+
+    _int(c, "rollout.max_new_tokens", 1)
+    _float(c, "rollout.temperature", low=0.0)
+    _int(c, "rollout.top_k", 0)
+    _float(c, "rollout.top_p", low=0.0, high=1.0, low_open=True)
+    _int(c, "rollout.samples_per_prompt", 1)
+
+    _choice(c, "loss.name", LOSSES)
+    _choice(c, "loss.aggregation", AGGREGATIONS)
+    _float(c, "loss.reward_scale")
+    _optional_path(c, "loss.base_path", directory=False)
+    _float(c, "loss.is_threshold", low=0.0, low_open=True, allow_none=True)
+    _int(c, "loss.topk", 1)
+    _int(c, "loss.chunk_size", 1)
+
+    _float(c, "optimizer.learning_rate", low=0.0, low_open=True)
+    _choice(c, "optimizer.schedule", SCHEDULES)
+    _int(c, "optimizer.warmup_steps", 0)
+    _float(c, "optimizer.b1", low=0.0, high=1.0, high_open=True)
+    _float(c, "optimizer.b2", low=0.0, high=1.0, high_open=True)
+    _float(c, "optimizer.eps", low=0.0, low_open=True)
+    _float(c, "optimizer.weight_decay", low=0.0)
+    _float(c, "optimizer.grad_clip", low=0.0, low_open=True)
+
+    enabled = _bool(c, "effopd.enabled")
+    _int(c, "effopd.max_candidates", 1)
+    _int(c, "effopd.trigger", 1, also=("pow2",))
+    val_files = _files(c, "effopd.val_files")
+    if enabled:
+        _require(len(val_files) > 0, "effopd.val_files", "EffOPD scores candidates on a validation set")
+    _int(c, "effopd.val_max_prompts", 0)
+    _int(c, "effopd.val_max_new_tokens", 0)
+    _float(c, "effopd.val_temperature", low=0.0)
+
+    _int(c, "eval.samples_per_prompt", 1)
+    _float(c, "eval.temperature", low=0.0)
+    _int(c, "eval.max_new_tokens", 0)
+
     for axis in ("data", "fsdp", "tensor"):
-        size = c.mesh[axis]
-        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or >= 1, got {size}")
+        _int(c, f"mesh.{axis}", 1, also=(-1,))
+
+    _int(c, "monitor.every", 0)
+    _int(c, "monitor.k", 1)

@@ -98,26 +98,47 @@ class _TensorRecord:
 
 
 def _read_safetensors_header(path: str) -> dict[str, _TensorRecord]:
+    """The tensor records of one file; a damaged or truncated file raises CheckpointError."""
     with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
         (header_len,) = struct.unpack("<Q", prefix)
-        header = json.loads(f.read(header_len))
+        # Checked before reading: a damaged prefix can claim up to 2**64 bytes.
+        if header_len > file_size - 8:
+            raise CheckpointError(
+                f"{path}: the header claims {header_len} bytes but only {file_size - 8} follow "
+                "(truncated file, or not a safetensors file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     data_start = 8 + header_len
     records = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
+        try:
+            dtype_name, raw_shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(d) for d in raw_shape)
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
             raise CheckpointError(
-                f"tensor {name!r} in {path} has dtype {info['dtype']}; supported: "
+                f"tensor {name!r} in {path}: malformed header entry {info!r}") from None
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has dtype {dtype_name}; supported: "
                 f"{sorted(_SAFETENSORS_DTYPES)}")
-        begin, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(int(d) for d in info["shape"])
-        if end - begin != math.prod(shape) * dtype.itemsize:
+        dtype = _SAFETENSORS_DTYPES[dtype_name]
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"tensor {name!r} in {path}: data_offsets do not match its shape")
+        if data_start + end > file_size:
+            raise CheckpointError(
+                f"tensor {name!r} in {path}: its data ends at byte {data_start + end} but the file "
+                f"has {file_size} bytes (truncated file?)")
         records[name] = _TensorRecord(path, dtype, shape, data_start + begin, end - begin)
     return records
 

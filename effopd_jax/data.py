@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +53,8 @@ Messages = list[dict[str, str]]
 OnBadRow = Literal["skip", "raise"]
 # Qwen3's non-thinking format, as the EffOPD authors run it; other templates ignore the variable.
 DEFAULT_CHAT_TEMPLATE_KWARGS: Mapping[str, Any] = MappingProxyType({"enable_thinking": False})
+# The ChatML roles Qwen's templates render; a message with any other role is malformed.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # How many malformed-row reasons :class:`PromptFileStats` keeps for the error message / log.
 MAX_REPORTED_BAD_ROWS = 5
 _SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
@@ -192,34 +195,87 @@ class _BadRow(ValueError):
     """A row that cannot be used; the message says why."""
 
 
+# JSON's own whitespace (RFC 8259): a line of only these bytes is blank, not a row.
+_JSON_WHITESPACE = b" \t\r\n"
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _parse_jsonl_line(raw: bytes) -> Any:
+    """One JSONL line (bytes) -> the decoded JSON value, or a :class:`_BadRow` saying why not."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _BadRow(f"not valid UTF-8 at byte {e.start} of the line (byte 0x{raw[e.start]:02x})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return _BadRow("invalid JSON (nested too deeply to parse)")
+    except ValueError:
+        # json.loads raises a plain ValueError for an integer literal longer than Python's
+        # int-to-str conversion limit (sys.get_int_max_str_digits()).
+        return _BadRow(f"invalid JSON (an integer literal has more than {sys.get_int_max_str_digits()} digits)")
+
+
+def _read_parquet_rows(path: str) -> list[tuple[str, Any]]:
+    """Parquet rows as Python dicts; a row whose values cannot be converted becomes a :class:`_BadRow`."""
+    import pyarrow as pa  # noqa: PLC0415  (only needed for Parquet input)
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        # The whole file is unreadable (not Parquet, truncated footer, ...): there are no rows to
+        # skip, so this is refused whatever `on_bad_row` says.
+        raise ValueError(f"{path}: cannot be read as Parquet: {e}") from None
+    rows: list[tuple[str, Any]] = []
+    for batch in table.to_batches():
+        try:
+            converted: list[Any] = batch.to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException):
+            # Some row holds a value Python cannot represent (e.g. a string column with invalid
+            # UTF-8 bytes, a timestamp out of datetime's range): convert row by row to find it.
+            converted = []
+            for i in range(batch.num_rows):
+                try:
+                    converted.append(batch.slice(i, 1).to_pylist()[0])
+                except UnicodeDecodeError as e:
+                    converted.append(_BadRow(f"a string value is not valid UTF-8 ({e.reason} at byte {e.start})"))
+                except (ValueError, OverflowError, pa.ArrowException) as e:
+                    converted.append(_BadRow(f"a value cannot be converted ({type(e).__name__}: {e})"))
+        rows.extend((f"{path}:{len(rows)}", row) for row in converted)
+    return rows
+
+
 def _read_rows(path: str) -> list[tuple[str, Any]]:
-    """Returns ``(origin, row)`` pairs; an unparsable JSONL line becomes a :class:`_BadRow`."""
+    """Returns ``(origin, row)`` pairs; a row that cannot be decoded becomes a :class:`_BadRow`.
+
+    JSONL is read as bytes and decoded line by line, so one line of invalid UTF-8 or invalid
+    JSON is one bad row rather than a failure of the whole file.
+    """
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _SUPPORTED_SUFFIXES:
         raise ValueError(f"{path}: unsupported prompt file type {suffix!r}; use one of {_SUPPORTED_SUFFIXES}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
-    rows: list[tuple[str, Any]] = []
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415  (only needed for Parquet input)
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            rows.append((f"{path}:{i}", row))
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
+        return _read_parquet_rows(path)
+    rows: list[tuple[str, Any]] = []
+    with open(path, "rb") as f:
+        # Iterating a binary file splits on b"\n" only; a CRLF line keeps its b"\r", which is
+        # JSON whitespace. A lone b"\r" is not a line break (it is inside the line's JSON).
+        for line_number, raw in enumerate(f, start=1):
+            if line_number == 1 and raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]  # editors on Windows write a BOM; it is not data
+            if not raw.strip(_JSON_WHITESPACE):
                 continue  # blank lines (e.g. a trailing newline) are not rows
-            origin = f"{path}:{line_number}"
-            try:
-                rows.append((origin, json.loads(line)))
-            except json.JSONDecodeError as e:
-                rows.append((origin, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")))
+            rows.append((f"{path}:{line_number}", _parse_jsonl_line(raw)))
     return rows
 
 
 def _lookup(row: Mapping[str, Any], dotted_key: str) -> Any:
-    """``row["a"]["b"]`` for ``"a.b"``; raises KeyError when a level is missing."""
+    """``row["a"]["b"]`` for ``"a.b"``; raises KeyError when a level is missing or None."""
     value: Any = row
     for part in dotted_key.split("."):
         if not isinstance(value, Mapping) or part not in value or value[part] is None:
@@ -228,19 +284,38 @@ def _lookup(row: Mapping[str, Any], dotted_key: str) -> Any:
     return value
 
 
+def _check_text(value: str, field: str) -> str:
+    """Refuses strings the tokenizer cannot encode: lone surrogates (JSON ``"\\ud800"`` escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRow(f"'{field}' is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return value
+
+
 def _check_messages(value: Any, field: str) -> Messages:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _BadRow(
-            f"'{field}' must be a non-empty string or list of chat messages, got {type(value).__name__}"
-        )
+    if not isinstance(value, (list, tuple)):
+        raise _BadRow(f"'{field}' must be a list of chat messages, got {type(value).__name__}")
+    if not value:
+        raise _BadRow(f"'{field}' is an empty list of chat messages")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise _BadRow(f"'{field}[{i}]' must be an object with 'role' and 'content'")
+            raise _BadRow(f"'{field}[{i}]' must be an object with 'role' and 'content', got {type(message).__name__}")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise _BadRow(f"'{field}[{i}]' needs string 'role' and 'content'")
-        messages.append({"role": role, "content": content})
+            raise _BadRow(
+                f"'{field}[{i}]' needs a string 'role' and a string 'content', got "
+                f"{type(role).__name__} and {type(content).__name__}"
+            )
+        if role not in CHAT_ROLES:
+            # Qwen's chat templates silently drop turns with other roles.
+            raise _BadRow(f"'{field}[{i}].role' must be one of {CHAT_ROLES}, got {role[:40]!r}")
+        messages.append(
+            {"role": _check_text(role, f"{field}[{i}].role"), "content": _check_text(content, f"{field}[{i}].content")}
+        )
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise _BadRow(f"'{field}' has no user message with non-blank content")
     return messages
 
 
@@ -266,9 +341,11 @@ def _row_to_fields(
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise _BadRow(f"'{prompt_key}' is empty")
-            messages = [{"role": "user", "content": prompt}]
-        else:
+            messages = [{"role": "user", "content": _check_text(prompt, prompt_key)}]
+        elif isinstance(prompt, (list, tuple)):
             messages = _check_messages(prompt, prompt_key)
+        else:
+            raise _BadRow(f"'{prompt_key}' must be a string or a list of chat messages, got {type(prompt).__name__}")
     else:
         raise _BadRow(f"no '{prompt_key}' or '{messages_key}' field")
 
@@ -283,16 +360,18 @@ def _row_to_fields(
             raise _BadRow(f"'{answer_key}' must be a string or a number, got {type(raw_answer).__name__}")
         if isinstance(raw_answer, float) and not math.isfinite(raw_answer):
             raise _BadRow(f"'{answer_key}' is not finite: {raw_answer}")
-        answer = str(raw_answer)
+        answer = _check_text(str(raw_answer), answer_key)
         if require_answer and not answer.strip():
             raise _BadRow(f"'{answer_key}' is empty")
 
     data_source = row.get(data_source_key, default_data_source)
     if data_source is None:
         data_source = default_data_source
-    if not isinstance(data_source, str) or not data_source:
-        raise _BadRow(f"'{data_source_key}' must be a non-empty string, got {data_source!r}")
-    return messages, answer, data_source
+    if not isinstance(data_source, str):
+        raise _BadRow(f"'{data_source_key}' must be a string, got {type(data_source).__name__}")
+    if not data_source.strip():
+        raise _BadRow(f"'{data_source_key}' is empty")
+    return messages, answer, _check_text(data_source, data_source_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +462,41 @@ def load_prompts(
 
     Raises:
       FileNotFoundError: a file does not exist.
-      ValueError: an unsupported file type, a malformed row with ``on_bad_row="raise"``, or no
-        example left after filtering (the message names the files and the filters).
+      ValueError: an unsupported file type; a ``.parquet`` file that cannot be read as Parquet at
+        all (refused whatever ``on_bad_row`` says: there are no rows to skip); a malformed row
+        with ``on_bad_row="raise"`` (``"path:line: malformed row: reason"``); or no example left
+        after filtering (the message names the files, the counts and the first reasons). Nothing
+        else is raised for any file content.
+
+    What is a row, and which rows are malformed:
+
+    * JSONL is read as bytes and split on ``\n`` only. A line of only JSON whitespace
+      (space, tab, ``\r``, ``\n``) is blank and not a row; every other line is one row. CRLF line
+      endings, a UTF-8 byte-order mark at the start of the file, and a last line without a
+      newline are accepted. A line that is not valid UTF-8 (``"not valid UTF-8 at byte N of the
+      line"``) or not valid JSON (including nesting too deep to parse and integer literals over
+      Python's digit limit) is malformed on its own; the other lines are still read.
+      ``NaN`` / ``Infinity`` literals parse, and are then refused where a number must be finite.
+    * Parquet: every table row is one row (0-based origin). A row holding a value Python cannot
+      decode (a string column with invalid UTF-8 bytes, ...) is malformed on its own.
+    * A row must be an object (a JSON number, string, list or null is malformed).
+    * The prompt is ``messages_key`` if present and not null, else ``prompt_key``: either a
+      string with non-whitespace text, or a non-empty list of ``{"role", "content"}`` objects
+      with string ``content`` and ``role`` in :data:`CHAT_ROLES`, at least one of them a user
+      message with non-blank content. Anything else (a number, an object, an empty list, a
+      message with non-string content, unknown role) is malformed; so is a string holding a lone
+      UTF-16 surrogate (a JSON ``"\\ud800"`` escape), which no tokenizer can encode.
+    * ``answer_key``: a string, an integer (kept as its decimal text) or a finite float; booleans,
+      lists, objects, NaN / infinity and (when required) blank strings are malformed; a missing
+      or null answer is malformed only when ``require_answer``.
+    * ``data_source_key``: missing or null takes ``default_data_source``; otherwise it must be a
+      non-blank string.
+    * The chat template may also refuse a row (a ``jinja2.TemplateError``): malformed.
+
+    Malformed rows are skipped and counted in :attr:`PromptFileStats.num_malformed` (the first
+    :data:`MAX_REPORTED_BAD_ROWS` reasons kept), or raise with ``on_bad_row="raise"``; well-formed
+    prompts longer than ``max_prompt_length`` tokens are counted in ``num_too_long``. So
+    ``num_kept + num_malformed + num_too_long == num_rows`` when ``max_examples`` is None.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

@@ -7,7 +7,9 @@ read by `safetensors.torch`, and `transformers.AutoModelForCausalLM.from_pretrai
 import dataclasses
 import functools
 import json
+import re
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +274,83 @@ def test_missing_files_raise(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_hf(sharded)
 
+
+
+def _safetensors_parts(file):
+    """(header dict, data bytes) of a safetensors file, parsed here from the documented layout."""
+    raw = file.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
+
+
+def _write_safetensors_parts(file, header, data_bytes, header_len=None):
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    length = len(header_bytes) if header_len is None else header_len
+    file.write_bytes(struct.pack("<Q", length) + header_bytes + data_bytes)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_file_truncated_in_tensor_data_raises_naming_the_tensor(checkpoints, tmp_path, keep):
+    path = rewrite(checkpoints["qwen3_untied_gqa2_bias"], tmp_path / "c")
+    file = path / "model.safetensors"
+    header, data_bytes = _safetensors_parts(file)
+    _write_safetensors_parts(file, header, data_bytes[:int(keep * len(data_bytes))])
+    kept = int(keep * len(data_bytes))
+    with pytest.raises(CheckpointError, match=r"truncated file") as info:
+        load_hf(path)
+    name = re.search(r"tensor '([^']+)'", str(info.value)).group(1)
+    assert header[name]["data_offsets"][1] > kept  # the named tensor really lost bytes
+
+
+def test_header_claiming_more_bytes_than_the_file_has_is_refused(checkpoints, tmp_path):
+    path = rewrite(checkpoints["qwen2_tied_gqa1"], tmp_path / "c")
+    file = path / "model.safetensors"
+    header, data_bytes = _safetensors_parts(file)
+    # The length prefix: larger than the file (and absurdly large, which must not be allocated).
+    for claimed in (len(data_bytes) + 10**6, 2**63):
+        _write_safetensors_parts(file, header, data_bytes, header_len=claimed)
+        with pytest.raises(CheckpointError, match=rf"header claims {claimed} bytes"):
+            load_hf(path)
+    # A tensor's data_offsets past the end of the data.
+    name = "model.norm.weight"
+    begin, end = header[name]["data_offsets"]
+    shifted = dict(header, **{name: dict(header[name], data_offsets=[begin + len(data_bytes), end + len(data_bytes)])})
+    _write_safetensors_parts(file, shifted, data_bytes)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{name}'") + ".*truncated file"):
+        load_hf(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda header: "x" * 64, "not valid JSON"),
+    (lambda header: [1, 2], "not a JSON object"),
+    (lambda header: dict(header, **{"model.norm.weight": {"shape": [64]}}), r"tensor 'model\.norm\.weight'.*malformed"),
+    (lambda header: dict(header, **{"model.norm.weight": dict(header["model.norm.weight"], dtype="I8")}),
+     r"tensor 'model\.norm\.weight'.*dtype I8"),
+])
+def test_damaged_header_is_refused(checkpoints, tmp_path, damage, message):
+    path = rewrite(checkpoints["qwen2_tied_gqa1"], tmp_path / "c")
+    file = path / "model.safetensors"
+    header, data_bytes = _safetensors_parts(file)
+    damaged = damage(header)
+    if isinstance(damaged, str):
+        raw = damaged.encode()
+        file.write_bytes(struct.pack("<Q", len(raw)) + raw + data_bytes)
+    else:
+        _write_safetensors_parts(file, damaged, data_bytes)
+    with pytest.raises(CheckpointError, match=message):
+        load_hf(path)
+
+
+def test_config_whose_sizes_disagree_with_the_tensors_is_refused(checkpoints, tmp_path):
+    source = checkpoints["qwen2_untied_gqa2"]
+    hidden = json.loads((source / "config.json").read_text())["hidden_size"]
+    path = rewrite(source, tmp_path / "wide", edit_config=lambda c: c.update(hidden_size=2 * hidden))
+    with pytest.raises(TensorShapeError, match=r"model\.embed_tokens\.weight"):
+        load_hf(path)
+    deeper = rewrite(source, tmp_path / "deep", edit_config=lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(MissingTensorError, match=r"model\.layers\.2\."):
+        load_hf(deeper)
 
 # ---------------------------------------------------------------------------------------------
 # Orbax CLI
