@@ -384,3 +384,12 @@ def test_load_orbax_params_casts_and_checks_the_config(checkpoints, tmp_path):
         convert.load_orbax_params(tmp_path / "o", dataclasses.replace(config, scan_layers=True))
     with pytest.raises(CheckpointError, match="intermediate_size"):
         convert.load_orbax_params(tmp_path / "o", dataclasses.replace(config, intermediate_size=32))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_invalid_config_json_is_refused_naming_the_file(tmp_path, text):
+    from effopd_jax.models.qwen import QwenConfig
+
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match="config.json"):
+        QwenConfig.from_hf(str(tmp_path))

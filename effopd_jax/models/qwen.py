@@ -140,7 +140,7 @@ class QwenConfig:
           UnsupportedConfigError: `model_type` not qwen2/qwen3 (MoE variants included), MoE
             fields, `use_sliding_window: true` or sliding layers in `layer_types`, a
             `rope_scaling` / `rope_parameters.rope_type` other than default, `hidden_act` not silu.
-          ValueError: a required field is missing.
+          ValueError: a required field is missing, or config.json is not a JSON object.
         """
         hf = _read_hf_config(path_or_dict)
         model_type = hf.get("model_type")
@@ -302,8 +302,14 @@ def _read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no HF config.json at {path}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON config ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: a HF config must be a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
