@@ -9,9 +9,9 @@ the model learns to stop):
     L(theta) = - sum_{b,t} m[b,t] log p_theta(x[b,t+1] | x[b,<=t]) / sum_{b,t} m[b,t]
 
 with ``m[b,t] = 1`` iff token ``t+1`` of row ``b`` is a response token. AdamW with a linear
-warm-up then cosine decay, global-norm clipping, one jitted step. Greedy test accuracy comes from
-:func:`effopd_jax.sampling.generate` and the task's exact-match checker. The result is an HF
-checkpoint (``convert.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
+warm-up then cosine decay (or a constant rate), global-norm clipping, one jitted step. Greedy
+test accuracy comes from :func:`effopd_jax.sampling.generate` and the task's exact-match checker.
+The result is an HF checkpoint (``convert.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
 checkpoint. Everything is a function of the arguments and the seed (init, data order).
 """
 
@@ -37,6 +37,7 @@ from effopd_jax.models.qwen import Qwen, QwenConfig, init_params
 
 PyTree = Any
 MARKER_FILE = "effopd_sft.json"
+SFT_SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class SFTSettings:
     max_train_examples: int = 0  # 0: all rows of train.jsonl
     max_test_examples: int = 0  # 0: all rows of test.jsonl
     eval_batch_size: int = 128
+    # "cosine": warm-up then cosine decay to 10% of the peak (a converged, annealed model);
+    # "constant": warm-up then the peak rate to the end (an under-trained model, stopped mid-run
+    # in a flat region, that a later fine-tuning step of moderate size does not throw off).
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size"):
@@ -62,6 +67,8 @@ class SFTSettings:
             raise ValueError(f"SFTSettings.learning_rate: must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"SFTSettings.warmup_steps: must be in [0, steps], got {self.warmup_steps}")
+        if self.schedule not in SFT_SCHEDULES:
+            raise ValueError(f"SFTSettings.schedule: must be one of {SFT_SCHEDULES}, got {self.schedule!r}")
 
 
 def read_rows(path: str, limit: int = 0) -> list[dict]:
@@ -124,14 +131,21 @@ def sft_loss(
 
 
 def make_sft_optimizer(settings: SFTSettings) -> optax.GradientTransformation:
-    """Clip -> AdamW with linear warm-up and cosine decay to 10% of the peak rate."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=settings.learning_rate,
-        warmup_steps=settings.warmup_steps,
-        decay_steps=settings.steps,
-        end_value=0.1 * settings.learning_rate,
-    )
+    """Clip -> AdamW with linear warm-up, then cosine decay to 10% of the peak or a constant rate."""
+    if settings.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=settings.learning_rate,
+            warmup_steps=settings.warmup_steps,
+            decay_steps=settings.steps,
+            end_value=0.1 * settings.learning_rate,
+        )
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, settings.learning_rate, settings.warmup_steps),
+             optax.constant_schedule(settings.learning_rate)],
+            [settings.warmup_steps],
+        )
     return optax.chain(
         optax.clip_by_global_norm(settings.grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=settings.weight_decay),

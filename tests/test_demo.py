@@ -102,6 +102,34 @@ def test_accuracy_curve_sums_step_seconds_up_to_each_eval():
         demo.accuracy_curve(records[1:3])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_sft_optimizer_step_sizes_follow_the_schedule(schedule):
+    import jax.numpy as jnp
+
+    # With a constant gradient, AdamW (bias-corrected, no weight decay on a zero parameter)
+    # moves each coordinate by exactly the step's learning rate: read the schedule off the steps.
+    settings = sft.SFTSettings(steps=10, learning_rate=0.1, warmup_steps=2, weight_decay=0.0, grad_clip=1e9,
+                               schedule=schedule)
+    optimizer = sft.make_sft_optimizer(settings)
+    params = {"w": jnp.zeros(3)}
+    state = optimizer.init(params)
+    steps = []
+    for _ in range(10):
+        updates, state = optimizer.update({"w": jnp.ones(3)}, state, params)
+        steps.append(-float(updates["w"][0]))
+    warmup = [0.0, 0.05]  # linear from 0 to the peak over warmup_steps
+    if schedule == "constant":
+        expected = warmup + [0.1] * 8
+    else:  # cosine from the peak (step 2) to 10% of it (step 10)
+        expected = warmup + [0.01 + 0.09 * 0.5 * (1 + np.cos(np.pi * k / 8)) for k in range(8)]
+    np.testing.assert_allclose(steps, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_sft_settings_refuse_an_unknown_schedule():
+    with pytest.raises(ValueError, match="SFTSettings.schedule"):
+        sft.SFTSettings(schedule="linear")
+
+
 def test_sft_is_deterministic_for_a_seed(task, tmp_path):
     task_dir, tokenizer = task
     config = sft.qwen3_for_task(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
