@@ -180,3 +180,6 @@ def test_fast_demo_end_to_end(tmp_path):
         assert on_disk["speedup_steps"] == pytest.approx(
             on_disk["opd"]["steps_to_target"] / on_disk["effopd"]["steps_to_target"])
     assert summary["teacher_accuracy"] == on_disk["teacher_accuracy"]
+    expected_bar = (on_disk["teacher_accuracy"] >= demo.TEACHER_MIN_ACCURACY
+                    and on_disk["teacher_accuracy"] - on_disk["student_sft_accuracy"] >= demo.MIN_ACCURACY_GAP)
+    assert on_disk["pair_meets_bar"] is expected_bar
