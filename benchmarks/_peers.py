@@ -15,6 +15,8 @@ What lives here:
     bytes/s can be put next to what the machine can do at all.
   * `matmul_flops_per_token` / `qwen_forward_flops`: the FLOP count of a dense Qwen forward.
   * `time_calls`: median wall time of a blocking callable.
+  * `parse_skip` / `set_up_and_print_environment`: the peer benchmarks' shared command line and
+    environment header.
 """
 
 from __future__ import annotations
@@ -34,6 +36,38 @@ import numpy as np
 # Tunix 0.1.7's Qwen3 attention calls `apply_rope(..., head_dim=...)` without passing
 # `ModelConfig.rope_theta`, so its RoPE base is always the default below whatever the config says.
 TUNIX_QWEN3_FIXED_ROPE_THETA = 1_000_000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and environment shared by the peer benchmarks
+# ---------------------------------------------------------------------------------------------
+PEERS = ("tunix", "torch")
+
+
+def parse_skip(text: str) -> set[str]:
+    """``--skip`` (a comma list of peers) as a set; unknown names are refused."""
+    skip = {s for s in text.split(",") if s}
+    if skip - set(PEERS):
+        raise ValueError(f"--skip: unknown names {sorted(skip - set(PEERS))} (known: {PEERS})")
+    return skip
+
+
+def set_up_and_print_environment(skip: set[str], *, torch_threads: int = 0) -> None:
+    """Sets torch's thread count (0: all cores) and prints devices, versions and the load."""
+    import flax
+    import torch
+    import transformers
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(torch_threads or cores)
+    versions = [f"jax {jax.__version__}", f"flax {flax.__version__}", f"torch {torch.__version__}",
+                f"transformers {transformers.__version__}"]
+    if "tunix" not in skip:
+        from importlib.metadata import version
+        versions.append(f"google-tunix {version('google-tunix')}")
+    print(f"devices: {jax.devices()}  cpu cores: {cores}  torch threads: {torch.get_num_threads()}")
+    print("versions: " + ", ".join(versions))
+    print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 # ---------------------------------------------------------------------------------------------

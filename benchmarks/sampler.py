@@ -184,24 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ValueError("--new-tokens must be >= 2 (the decode step time needs a decode step)")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    skip = {s for s in args.skip.split(",") if s}
-    if skip - {"tunix", "torch"}:
-        raise ValueError(f"--skip: unknown names {sorted(skip - {'tunix', 'torch'})}")
-
-    import flax
-    import torch
-    import transformers
-
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(args.torch_threads or cores)
-    versions = [f"jax {jax.__version__}", f"flax {flax.__version__}", f"torch {torch.__version__}",
-                f"transformers {transformers.__version__}"]
-    if "tunix" not in skip:
-        from importlib.metadata import version
-        versions.append(f"google-tunix {version('google-tunix')}")
-    print(f"devices: {jax.devices()}  cpu cores: {cores}  torch threads: {torch.get_num_threads()}")
-    print("versions: " + ", ".join(versions))
-    print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    skip = _peers.parse_skip(args.skip)
+    _peers.set_up_and_print_environment(skip, torch_threads=args.torch_threads)
 
     spec = _peers.TinyQwen3Spec(
         hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,

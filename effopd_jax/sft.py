@@ -34,6 +34,7 @@ import optax
 from effopd_jax import convert, data, grading, sampling
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models.qwen import Qwen, QwenConfig, init_params
+from effopd_jax.tiny import tiny_qwen3_config
 
 PyTree = Any
 MARKER_FILE = "effopd_sft.json"
@@ -274,24 +275,17 @@ def _file_digest(*paths: str) -> list[str]:
 def qwen3_for_task(vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int = 4,
                    num_kv_heads: int = 2, head_dim: int = 16, intermediate_size: int | None = None,
                    eos_token_id: int, pad_token_id: int) -> QwenConfig:
-    """A small Qwen3-architecture config over the task's tokenizer (tied embeddings, float32)."""
-    return QwenConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        tie_word_embeddings=True,
-        model_type="qwen3",
-        rope_theta=10_000.0,
-        max_position_embeddings=512,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=pad_token_id,
-        param_dtype=jnp.float32,
-        dtype=jnp.float32,
+    """A small Qwen3-architecture config over the task's tokenizer (tied embeddings, float32).
+
+    ``tiny.tiny_qwen3_config`` with the task's short context: RoPE base 1e4, 512 positions.
+    """
+    config = tiny_qwen3_config(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size or 2 * hidden_size,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    return dataclasses.replace(
+        config, rope_theta=10_000.0, max_position_embeddings=512, param_dtype=jnp.float32, dtype=jnp.float32
     )
 
 
