@@ -1,6 +1,6 @@
 """EffOPD: extrapolation along the accumulated update direction, as an optax transform.
 
-The rule (the authors' code, ``/work/shared/effopd_spec.md`` §3.5). Let t be the 1-based index of
+The rule (the authors' code; ``docs/effopd_rule.md#the-search``). Let t be the 1-based index of
 the current update and θ_B the *anchor* (initially the filtered leaves of the initial params).
 At trigger steps t = 1, 2, 4, 8, ... (powers of two):
 
@@ -38,12 +38,31 @@ candidate is scored as ``optax.apply_updates(params, u_k)`` where ``u_k`` is the
 transform would return for it, so ``apply_updates(params, returned_updates)`` equals the accepted
 point bit for bit, and the anchor is set from that same point. Place ``effopd`` **last** in the
 chain: a transform after it would change the updates after the search has scored them.
+
+Other trainers, as they are:
+
+* ``flax.nnx.Optimizer(model, optax.chain(..., effopd()), wrt=nnx.Param)`` keeps the optax state as
+  a tree of nnx Variables (``to_opt_state`` wraps every array leaf in an ``OptArray``, or in an
+  ``OptVariable`` with the parameter's metadata when the leaf sits in a ``Param``), while its
+  ``update(model, grads, **kwargs)`` hands ``tx.update`` the Variables' values (``nnx.as_pure``),
+  forwards ``score_fn=`` untouched and writes the new state back into the Variables. The jit
+  driver therefore runs inside it as is. The functions below that take an ``opt_state`` read the
+  values of such Variables without copying an array, and :func:`replace_effopd_state` /
+  :func:`effopd_host_search` write their results into them in place (with ``nnx.update``, as the
+  optimizer does), so ``optimizer.opt_state`` and a model whose ``nnx.state`` was passed as
+  ``params`` are up to date when they return. This module never imports flax: a state can only
+  hold nnx Variables once ``flax.nnx`` has been loaded.
+* ``flax.training.train_state.TrainState`` holds a plain optax state: the host driver works with
+  ``state.apply_gradients`` as is. Its ``apply_gradients`` does not forward extra arguments to
+  ``tx.update``, so the jit driver needs a step that calls ``state.tx.update(..., score_fn=f)``
+  itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -55,11 +74,12 @@ from jax import lax
 PyTree = Any
 ScoreFn = Callable[[optax.Params], Any]
 
-# The authors' `_should_modify_param` (spec §3.5): a lower-cased name containing any of these
-# substrings is extrapolated. On our Qwen paths (docs/architecture.md) it selects q/k/v/o_proj,
-# gate/up/down_proj, q_norm/k_norm (under `self_attn/`) and `post_attention_layernorm` (contains
-# "attention"); it leaves out `input_layernorm`, the final `norm`, `embed_tokens` and `lm_head`.
-# It works for unscanned `layers_{i}/...` and scanned `layers/...` paths alike.
+# The authors' `_should_modify_param` (docs/effopd_rule.md#the-parameter-filter): a lower-cased
+# name containing any of these substrings is extrapolated. On our Qwen paths (docs/architecture.md)
+# it selects q/k/v/o_proj, gate/up/down_proj, q_norm/k_norm (under `self_attn/`) and
+# `post_attention_layernorm` (contains "attention"); it leaves out `input_layernorm`, the final
+# `norm`, `embed_tokens` and `lm_head`. It works for unscanned `layers_{i}/...` and scanned
+# `layers/...` paths alike.
 DEFAULT_PARAM_FILTER = (
     r"attn|attention|q_proj|k_proj|v_proj|o_proj|mlp|feed_forward|ffn|gate_proj|up_proj|down_proj"
 )
@@ -144,6 +164,63 @@ class EffOPDSearchReport:
 
 
 # ----------------------------------------------------------------------------------------------
+# nnx Variables: flax.nnx.Optimizer keeps the optax state as a tree of Variables.
+
+
+def _nnx_variable_type() -> type | None:
+    """``flax.nnx.Variable`` when flax.nnx is loaded, else None.
+
+    Looked up rather than imported: a tree can only hold nnx Variables once flax.nnx has been
+    imported by whoever built it, and plain optax users then pay nothing for flax.
+    """
+    return getattr(sys.modules.get("flax.nnx"), "Variable", None)
+
+
+def _is_variable(x: Any) -> bool:
+    variable_type = _nnx_variable_type()
+    return variable_type is not None and isinstance(x, variable_type)
+
+
+def _holds_variables(tree: PyTree) -> bool:
+    return any(_is_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_variable))
+
+
+def _values(tree: PyTree) -> PyTree:
+    """``tree`` with every nnx Variable replaced by the value it holds (``nnx.as_pure``).
+
+    The arrays are the Variables' own (nothing is copied), and a tree without Variables is
+    returned as it is. This is exactly the tree ``nnx.Optimizer.update`` hands ``tx.update``.
+    """
+    if not _holds_variables(tree):
+        return tree
+    return sys.modules["flax.nnx"].as_pure(tree)
+
+
+def _write_values(target: PyTree, values: PyTree, what: str) -> PyTree:
+    """``values`` (a tree without Variables) delivered in the form of ``target``.
+
+    ``target`` has the structure of ``values`` except that some of its subtrees are nnx Variables
+    holding them. Each such Variable receives its new value in place (``nnx.update``, as
+    ``nnx.Optimizer.update`` writes its state), so whoever holds the Variable (the optimizer, the
+    model) sees it; the returned tree holds those same Variables. Without Variables: ``values``.
+    The structures are checked before anything is written.
+    """
+    if not _holds_variables(target):
+        return values
+    parts, treedef = jax.tree.flatten(target, is_leaf=_is_variable)
+    try:
+        new_parts = treedef.flatten_up_to(values)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{what}: new values do not match the given tree: {err}") from err
+    update = sys.modules["flax.nnx"].update
+    for old, new in zip(parts, new_parts):
+        if _is_variable(old):
+            update(old, new)
+    kept = [old if _is_variable(old) else new for old, new in zip(parts, new_parts)]
+    return jax.tree.unflatten(treedef, kept)
+
+
+# ----------------------------------------------------------------------------------------------
 # Parameter filter and anchor.
 
 
@@ -175,7 +252,13 @@ def _make_path_predicate(param_filter: Callable[[str], bool] | str | None) -> Ca
 
 
 def _make_anchor(params: optax.Params, selects: Callable[[str], bool], anchor_dtype) -> PyTree:
-    """Copies the selected leaves (a fresh buffer, so donating params later is safe)."""
+    """Copies the selected leaves (a fresh buffer, so donating params later is safe).
+
+    nnx Variables in ``params`` (``nnx.Optimizer`` initialises with ``nnx.state(model, wrt)``) are
+    kept around their anchor leaf, so the optimizer wraps it with the parameter's metadata as it
+    does Adam's moments; the path the filter sees is the parameter's own (``mlp/up_proj/kernel``),
+    without the Variable's ``value`` key.
+    """
     selected_paths: list[str] = []
     all_paths: list[str] = []
 
@@ -189,7 +272,12 @@ def _make_anchor(params: optax.Params, selects: Callable[[str], bool], anchor_dt
         selected_paths.append(name)
         return jnp.array(param, dtype=anchor_dtype or jnp.result_type(param), copy=True)
 
-    anchor = jax.tree_util.tree_map_with_path(leaf, params)
+    def leaf_or_variable(path, node):
+        if _is_variable(node):
+            return jax.tree.map(lambda value: leaf(path, value), node)
+        return leaf(path, node)
+
+    anchor = jax.tree_util.tree_map_with_path(leaf_or_variable, params, is_leaf=_is_variable)
     if not selected_paths:
         raise ValueError(
             "param_filter selected no parameter, so EffOPD would never extrapolate anything; "
@@ -401,9 +489,11 @@ def effopd(
         the authors' ladder, or ``len(multipliers)`` when ``multipliers`` is given.
       param_filter: which leaves are extrapolated: a callable on the ``/``-joined key path (e.g.
         ``"layers_3/self_attn/q_proj/kernel"``) returning bool, or a regex string searched in
-        that path (``re.search``). ``None``: :data:`DEFAULT_PARAM_FILTER`, the authors' rule
-        (attention and MLP weights, q/k norms, post-attention norm; not the input norm, the final
-        norm, embeddings or ``lm_head``). Must select at least one leaf.
+        that path (``re.search``); with ``nnx.Optimizer`` it is the ``nnx.state`` path without the
+        Variable's ``value`` key (``mlp/up_proj/kernel``). ``None``: :data:`DEFAULT_PARAM_FILTER`,
+        the authors' rule (``docs/effopd_rule.md#the-parameter-filter``: attention and MLP weights,
+        q/k norms, post-attention norm; not the input norm, the final norm, embeddings or
+        ``lm_head``). Must select at least one leaf.
       trigger: ``"pow2"`` (the authors': t = 1, 2, 4, 8, ...) or a positive int N: every N-th
         update (t = N, 2N, 3N, ...). [beyond the paper]
       multipliers: the ladder (m_1, ..., m_K) of d = θ − θ_B, each finite and > 1. Default:
@@ -506,24 +596,48 @@ def _is_effopd_state(x: Any) -> bool:
     return isinstance(x, EffOPDState)
 
 
-def find_effopd_state(opt_state: PyTree) -> EffOPDState:
-    """The one :class:`EffOPDState` inside ``opt_state`` (chain, MultiSteps, ... or itself)."""
+def _find_effopd_node(opt_state: PyTree) -> EffOPDState:
+    """The one :class:`EffOPDState` node inside ``opt_state`` as stored (nnx Variables and all)."""
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_effopd_state) if _is_effopd_state(x)]
     if len(found) != 1:
         raise ValueError(f"opt_state must contain exactly one EffOPDState; found {len(found)}")
     return found[0]
 
 
+def find_effopd_state(opt_state: PyTree) -> EffOPDState:
+    """The one :class:`EffOPDState` inside ``opt_state`` (chain, MultiSteps, ... or itself).
+
+    ``opt_state`` may also be the state of ``flax.nnx.Optimizer``, whose leaves are nnx Variables:
+    the result then holds the Variables' values (their own arrays, not copies). Read it; to change
+    it, use :func:`replace_effopd_state`.
+
+    Raises:
+      ValueError: when ``opt_state`` holds no or several EffOPD states.
+    """
+    return _values(_find_effopd_node(opt_state))
+
+
 def replace_effopd_state(opt_state: PyTree, new_state: EffOPDState) -> PyTree:
-    """``opt_state`` with its :class:`EffOPDState` replaced by ``new_state``."""
-    find_effopd_state(opt_state)  # exactly one
+    """``opt_state`` with its :class:`EffOPDState` replaced by ``new_state`` (a state of arrays).
+
+    Where the old state's leaves are nnx Variables (``flax.nnx.Optimizer``), the new values are
+    written into those Variables in place, so ``optimizer.opt_state`` already holds them; the
+    returned tree holds the same Variables (every other Variable is passed through untouched).
+    """
+    new_node = _write_values(_find_effopd_node(opt_state), new_state, "replace_effopd_state")
     return jax.tree.map(
-        lambda x: new_state if _is_effopd_state(x) else x, opt_state, is_leaf=_is_effopd_state
+        lambda x: new_node if _is_effopd_state(x) else x,
+        opt_state,
+        is_leaf=lambda x: _is_effopd_state(x) or _is_variable(x),
     )
 
 
 def effopd_search_due(opt_state: PyTree) -> bool:
-    """Host check (one scalar device-to-host copy): must :func:`effopd_host_search` run now?"""
+    """Host check (one scalar device-to-host copy): must :func:`effopd_host_search` run now?
+
+    ``opt_state``: a plain optax state or ``nnx.Optimizer.opt_state``
+    (see :func:`find_effopd_state`).
+    """
     return bool(jax.device_get(find_effopd_state(opt_state).search_due))
 
 
@@ -534,6 +648,7 @@ def effopd_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
     (1 = θ kept), ``effopd/accepted_index``, ``effopd/num_evals``, ``effopd/score_theta`` (score of
     θ), ``effopd/best_score``, ``effopd/scores`` (float32 [K+1], NaN = not evaluated). The values
     describe the last search; ``searched`` tells whether it happened at the current update.
+    ``opt_state``: a plain optax state or ``nnx.Optimizer.opt_state`` (also inside ``nnx.jit``).
     """
     state = find_effopd_state(opt_state)
     info = state.last_search
@@ -582,18 +697,31 @@ def effopd_host_search(
     this trigger step is then skipped. On several hosts every process must call it with the same
     ``score_fn`` results (e.g. all-reduced accuracy), or the processes would accept different points.
 
+    With ``flax.nnx`` (``opt_state=optimizer.opt_state``, ``params=nnx.state(model, nnx.Param)``):
+    the results are written into the given Variables in place, so the optimizer and the model hold
+    the accepted point and the new EffOPD state when this returns, and the returned trees hold the
+    given Variables (nothing to assign back). ``score_fn`` receives the candidates as values (a
+    ``State`` of arrays, as ``nnx.Optimizer.update`` hands its ``score_fn``): evaluate them with
+    ``nnx.merge(graphdef, candidate, ...)``; a ``score_fn`` that loads them into the model instead
+    is fine too, as the accepted point is written last.
+
     Args:
-      params: see above; any tree of ``[...]`` arrays (sharded as you like).
-      opt_state: the optimizer state holding one :class:`EffOPDState` with ``search_due``.
+      params: see above; any tree of ``[...]`` arrays (sharded as you like), or of nnx Variables
+        holding them.
+      opt_state: the optimizer state holding one :class:`EffOPDState` with ``search_due`` (a plain
+        optax state, or the tree of nnx Variables of ``nnx.Optimizer.opt_state``).
       score_fn: ``score_fn(params) -> float`` (higher is better), called 1 to K + 1 times with
-        candidate parameter trees (device arrays); scores are compared in float32.
-      updates: see above.
+        candidate parameter trees (device arrays, no Variables); scores are compared in float32.
+      updates: see above (arrays or nnx Variables).
 
     Returns:
       ``(new_params, new_opt_state, report)``: the accepted point (θ itself on rollback), the
       state with the anchor moved to it, ``search_due`` cleared and ``last_search`` filled in,
-      and a :class:`EffOPDSearchReport`.
+      and a :class:`EffOPDSearchReport`. Each is of the kind given: plain trees for plain trees;
+      the given nnx Variables, now holding the new values, for Variables.
     """
+    given_params = params
+    params, updates = _values(params), _values(updates)  # views: Variables' arrays, not copies
     state = find_effopd_state(opt_state)
     if not bool(jax.device_get(state.search_due)):
         raise ValueError(
@@ -637,4 +765,6 @@ def effopd_host_search(
         accepted_multiplier=1.0 if best_index == 0 else float(ladder[best_index - 1]),
         num_evals=num_evals,
     )
-    return new_params, replace_effopd_state(opt_state, new_state), report
+    new_opt_state = replace_effopd_state(opt_state, new_state)
+    new_params = _write_values(given_params, new_params, "effopd_host_search params")
+    return new_params, new_opt_state, report
