@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The demo's assets (task files, tokenizer, SFT teacher and student) are prepared explicitly,
+# then reused by the run; see examples/demo/.
 demo: $(STAMP)
-	$(PY) -m effopd_jax.demo
+	$(PY) -m examples.demo.prepare
+	$(PY) -m examples.demo.run
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,7 @@
 
     python benchmarks/effopd_speedup.py [--seeds 0 1 2] [--asset_seed 0] [--out runs/demo_bench] [--fast]
 
-For each seed, the demo's comparison (``effopd_jax.demo.run_demo``: OPD and OPD+EffOPD with
+For each seed, the demo's comparison (``examples.demo.run.run_demo``: OPD and OPD+EffOPD with
 identical settings) runs once with that seed for the OPD runs (rollout sampling, data order),
 from the teacher and student of ``--asset_seed`` (cached in ``runs/demo/cache``, shared with
 ``make demo``; pass ``--per_seed_assets`` to also re-make task, teacher and student per seed,
@@ -21,9 +21,11 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the demo is a runnable example of the repository, not of the library
 
-from effopd_jax import demo  # noqa: E402
+from examples.demo import run as demo  # noqa: E402
+from examples.demo import settings as demo_settings  # noqa: E402
 
 
 def mean_std(values: list[float]) -> str:
@@ -35,7 +37,7 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=os.path.join(demo.REPO_ROOT, "runs", "demo_bench"))
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "demo_bench"))
     parser.add_argument("--fast", action="store_true", help="the test-sized variant (numbers meaningless)")
     parser.add_argument("--asset_seed", type=int, default=0)
     parser.add_argument("--per_seed_assets", action="store_true")
@@ -44,10 +46,10 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         asset_seed = seed if args.per_seed_assets else args.asset_seed
-        settings = demo.fast_settings(asset_seed) if args.fast else demo.DemoSettings(seed=asset_seed)
+        settings = demo_settings.fast_settings(asset_seed) if args.fast else demo_settings.DemoSettings(seed=asset_seed)
         settings = dataclasses.replace(settings, run_seed=seed)
         summary = demo.run_demo(settings, os.path.join(args.out, f"seed{seed}"), foresight=False,
-                                assets_dir=demo.DEFAULT_OUT, log=lambda *a, **k: None)
+                                assets_dir=demo_settings.DEFAULT_OUT, log=lambda *a, **k: None)
         row = {
             "seed": seed,
             "asset_seed": asset_seed,

@@ -1,7 +1,7 @@
 """Time breakdown of one OPD step: effopd_jax's Trainer vs an OPD loop built from google-tunix.
 
-Both sides start from the same two random Qwen3 checkpoints (``effopd_jax.tiny.
-ensure_random_checkpoint``: real Qwen3 vocabulary 151,936 and tokenizer, tied embeddings,
+Both sides start from the same two random Qwen3 checkpoints (``effopd_jax.testing.
+write_random_checkpoint``: real Qwen3 vocabulary 151,936 and tokenizer, tied embeddings,
 RoPE base 1e6), the same GSM8K prompts through the Qwen3 chat template, the same rollout shape
 (``--prompts`` rows, left-padded to ``--prompt-len``, ``--new-tokens`` sampled at temperature 1),
 the same loss (the authors' sampled-token OPD loss, ``effopd_jax.losses.sampled_token_opd_loss``,
@@ -59,6 +59,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _peers  # noqa: E402
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN3_TOKENIZER_DIR = os.path.join(REPO_ROOT, "third_party", "qwen3_tokenizer")
+GSM8K_FILE = os.path.join(REPO_ROOT, "third_party", "gsm8k", "gsm8k_test_100.jsonl")
+
 IS_THRESHOLD = 5.0  # the trainer's default loss.is_threshold
 
 
@@ -82,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(spec: str):
-    from effopd_jax.tiny import tiny_qwen3_config
+    from effopd_jax.testing import tiny_qwen3_config
 
     hidden, layers = (int(v) for v in spec.lower().split("x"))
     head_dim = 64
@@ -101,7 +105,6 @@ def median(values) -> float:
 def make_ours(args, student_path: str, teacher_path: str, workdir: str):
     from effopd_jax import train
     from effopd_jax.config import default_config
-    from effopd_jax.tiny import GSM8K_FILE
 
     c = default_config()
     c.seed = 0
@@ -250,12 +253,12 @@ def make_peer(args, student_path: str, teacher_path: str, tokenizer):
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from effopd_jax.tiny import ensure_random_checkpoint
+    from effopd_jax.testing import write_random_checkpoint
 
-    student_path = ensure_random_checkpoint(os.path.join(args.cache, f"student_{args.student}"),
-                                            model_config(args.student), seed=1)
-    teacher_path = ensure_random_checkpoint(os.path.join(args.cache, f"teacher_{args.teacher}"),
-                                            model_config(args.teacher), seed=2)
+    student_path = write_random_checkpoint(os.path.join(args.cache, f"student_{args.student}"),
+                                           model_config(args.student), seed=1, tokenizer_dir=QWEN3_TOKENIZER_DIR)
+    teacher_path = write_random_checkpoint(os.path.join(args.cache, f"teacher_{args.teacher}"),
+                                           model_config(args.teacher), seed=2, tokenizer_dir=QWEN3_TOKENIZER_DIR)
     print(f"jax {jax.__version__} devices {jax.devices()} | student {args.student} teacher {args.teacher} "
           f"(hidden x layers, vocab 151936, tied) | {args.prompts} rollouts x prompt {args.prompt_len} + "
           f"{args.new_tokens} new tokens | ours loss.chunk_size {args.chunk_size or args.new_tokens} | EffOPD val {args.val_prompts} prompts | load {os.getloadavg()}")

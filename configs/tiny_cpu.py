@@ -11,10 +11,17 @@ update, EffOPD search, evaluation, checkpoints, HF export), not that anything is
 that, see ``make demo``.
 """
 
+import functools
 import os
 
 from effopd_jax.config import default_config
-from effopd_jax.tiny import GSM8K_FILE, REPO_ROOT, ensure_random_checkpoint, tiny_qwen3_config
+from effopd_jax.testing import tiny_qwen3_config, write_random_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN3_TOKENIZER_DIR = os.path.join(REPO_ROOT, "third_party", "qwen3_tokenizer")
+GSM8K_FILE = os.path.join(REPO_ROOT, "third_party", "gsm8k", "gsm8k_test_100.jsonl")
+# The random checkpoints carry the repository's Qwen3 tokenizer files.
+ensure_random_checkpoint = functools.partial(write_random_checkpoint, tokenizer_dir=QWEN3_TOKENIZER_DIR)
 
 
 def get_config():

@@ -1,9 +1,16 @@
 """Shared test set-up.
 
 Eight virtual CPU devices are requested before JAX initialises so the sharding tests can build
-a (data=2, fsdp=2, tensor=2) mesh; unsharded tests still run on device 0.
+a (data=2, fsdp=2, tensor=2) mesh; unsharded tests still run on device 0. The repository root
+goes on ``sys.path`` so tests can import the runnable examples (``examples.demo``), which are not
+part of the installed library.
 """
 import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # appended: which effopd_jax the tests import stays as before
+    sys.path.append(REPO_ROOT)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 
-from effopd_jax import convert, data, demo, sft
-from effopd_jax.tasks import arithmetic
+from effopd_jax import convert, data
+from examples.demo import run as demo
+from examples.demo import settings as demo_settings
+from examples.demo import sft
+from examples.demo.tasks import arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +153,58 @@ def test_sft_is_deterministic_for_a_seed(task, tmp_path):
     assert again == outs[0]
 
 
+def _tree_listing(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _fake_assets(settings, out_dir, *, teacher_tokens: int, student_tokens: int) -> None:
+    """The files :func:`load_assets` looks for, with SFT markers, and no models (nothing trains)."""
+    root = demo_settings.asset_root(settings, str(out_dir))
+    os.makedirs(os.path.join(root, "task", "tokenizer"))
+    for split in demo_settings.TASK_SPLITS:
+        open(os.path.join(root, "task", f"{split}.jsonl"), "w").close()
+    open(os.path.join(root, "task", "tokenizer", "tokenizer.json"), "w").close()
+    for role, accuracy, tokens in (("teacher", 0.9, teacher_tokens), ("student", 0.4, student_tokens)):
+        os.makedirs(os.path.join(root, role))
+        with open(os.path.join(root, role, sft.MARKER_FILE), "w") as f:
+            json.dump({"key": {}, "result": {"test_accuracy": accuracy, "max_new_tokens": tokens}}, f)
+
+
+def test_demo_config_is_pure_and_arms_differ_only_in_effopd(tmp_path):
+    from effopd_jax.config import default_config
+    from examples.demo.configs import demo_config
+
+    settings = demo_settings.fast_settings(seed=3)
+    _fake_assets(settings, tmp_path, teacher_tokens=12, student_tokens=17)
+    before = _tree_listing(tmp_path)
+    opd = demo_config(effopd=False, settings=settings, out_dir=str(tmp_path)).to_dict()
+    eff = demo_config(effopd=True, settings=settings, out_dir=str(tmp_path)).to_dict()
+    assert _tree_listing(tmp_path) == before  # reads only
+    # Plain OPD sets no EffOPD field besides `enabled` (the schema refuses ignored settings).
+    assert opd["effopd"] == dict(default_config().effopd.to_dict(), enabled=False)
+    root = demo_settings.asset_root(settings, str(tmp_path))
+    assert eff["effopd"]["enabled"] is True
+    assert eff["effopd"]["val_files"] == (os.path.join(root, "task", "validation.jsonl"),)
+    assert (eff["effopd"]["val_max_prompts"], eff["effopd"]["max_candidates"], eff["effopd"]["val_temperature"]) == (
+        settings.effopd_val_prompts, settings.effopd_max_candidates, settings.effopd_val_temperature)
+    assert {k: v for k, v in opd.items() if k != "effopd"} == {k: v for k, v in eff.items() if k != "effopd"}
+    assert opd["rollout"]["max_new_tokens"] == 17  # the longer of the two models' responses
+    assert opd["student"]["path"] == os.path.join(root, "student") and opd["seed"] == 3
+
+
+def test_demo_config_without_assets_names_the_prepare_command(tmp_path):
+    from examples.demo.configs import demo_config
+
+    with pytest.raises(demo_settings.DemoAssetsMissingError,
+                       match=re.escape(f"python -m examples.demo.prepare --seed 2 --fast --out {tmp_path}")):
+        demo_config(effopd=True, settings=demo_settings.fast_settings(seed=2), out_dir=str(tmp_path))
+    assert _tree_listing(tmp_path) == []  # nothing written, nothing trained
+    assert demo_settings.prepare_command(demo_settings.DemoSettings()) == "python -m examples.demo.prepare"
+
+
 @pytest.mark.slow  # ~35 s of CPU; 80 s warm-cache / ~9 min cold-cache wall under heavy shared load
 def test_fast_demo_end_to_end(tmp_path):
-    settings = demo.fast_settings(seed=0)
+    settings = demo_settings.fast_settings(seed=0)
     summary = demo.run_demo(settings, str(tmp_path), foresight=False, log=lambda *a, **k: None)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "accuracy.png").stat().st_size > 0

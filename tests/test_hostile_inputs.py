@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from effopd_jax import config as config_lib
 from effopd_jax import data
-from effopd_jax.tiny import QWEN3_TOKENIZER_DIR
+from tests.helpers_tiny import QWEN3_TOKENIZER_DIR
 
 # Row construction in the tests is cheap; the Qwen3 template + tokenizer run per row.
 SETTINGS = settings(

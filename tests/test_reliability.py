@@ -27,7 +27,7 @@ import pytest
 from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import convert, preemption, train
 from effopd_jax.metrics import MetricsWriter, read_metrics
-from effopd_jax.tiny import GSM8K_FILE
+from tests.helpers_tiny import GSM8K_FILE
 from tests.test_train import REPO, small_config, tiny_cpu_config
 
 TOTAL_STEPS = 6

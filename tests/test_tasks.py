@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from effopd_jax import grading
-from effopd_jax.tasks import arithmetic
-from effopd_jax.tasks.arithmetic import (
+from examples.demo.tasks import arithmetic
+from examples.demo.tasks.arithmetic import (
     AdditionProblem,
     build_tokenizer,
     check_answer,

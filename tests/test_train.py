@@ -20,7 +20,7 @@ import pytest
 
 from effopd_jax import train
 from effopd_jax.metrics import read_metrics
-from effopd_jax.tiny import GSM8K_FILE, ensure_random_checkpoint, tiny_qwen3_config
+from tests.helpers_tiny import GSM8K_FILE, ensure_random_checkpoint, tiny_qwen3_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """Synthetic verifiable tasks for the embedded demo (data files, tokenizer, answer checker)."""
 
-from effopd_jax.tasks.arithmetic import (
+from examples.demo.tasks.arithmetic import (
     AdditionProblem,
     build_tokenizer,
     check_answer,

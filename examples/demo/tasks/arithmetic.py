@@ -20,7 +20,7 @@ what separates a bigger teacher from a smaller student after the same short warm
 The module also builds the matching character-level tokenizer (Hugging Face ``tokenizers``,
 Qwen special tokens and chat template) and the exact-match answer checker.
 
-CLI: ``python -m effopd_jax.tasks --out_dir DIR [--seed 0 --n_train ... ]`` writes
+CLI: ``python -m examples.demo.tasks --out_dir DIR [--seed 0 --n_train ... ]`` writes
 ``DIR/{train,validation,test}.jsonl`` and ``DIR/tokenizer/{tokenizer.json,tokenizer_config.json}``.
 """
 

@@ -1,13 +1,17 @@
 """The embedded demo: OPD vs OPD+EffOPD on column addition, CPU only, measured.
 
-    python -m effopd_jax.demo [--seed 0] [--out runs/demo] [--fast]
+    python -m examples.demo.prepare [--seed 0] [--out runs/demo] [--fast]
+    python -m examples.demo.run [--seed 0] [--out runs/demo] [--fast]
 
-1. **Assets** (cached under ``OUT/cache/<key>``, the key hashing the seed and every setting):
-   the task files (``effopd_jax.tasks.arithmetic``), its tokenizer, a Qwen3 teacher (wider,
-   longer supervised warm-up, :mod:`effopd_jax.sft`) and a smaller, shorter-trained student.
+1. **Assets** (cached under ``OUT/cache/<key>``, the key hashing the seed and every setting;
+   :mod:`examples.demo.prepare` writes them, and :func:`run_demo` reuses them or, when missing,
+   makes them): the task files (:mod:`examples.demo.tasks.arithmetic`), its tokenizer, a Qwen3
+   teacher (wider, longer supervised warm-up, :mod:`examples.demo.sft`) and a smaller,
+   shorter-trained student.
 2. **Warm-up**: one throw-away step of each run, so both measured runs find every program
    already compiled (JAX's persistent compilation cache) and neither pays for compilation.
-3. **Runs**: plain OPD (``configs/demo_opd.py``) and OPD+EffOPD (``configs/demo_effopd.py``)
+3. **Runs**: plain OPD (``examples/demo/configs/opd.py``) and OPD+EffOPD
+   (``examples/demo/configs/effopd.py``)
    from the same student, same seed, same data order and step budget, through
    :class:`effopd_jax.train.Trainer`. Greedy test accuracy every ``eval_every`` steps.
 4. **Summary**: ``OUT/summary.json``, ``OUT/accuracy.png`` and, for the OPD run, the foresight
@@ -27,24 +31,19 @@ Definitions (also written into ``summary.json``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import ml_collections
 
-from effopd_jax import data, sft
-from effopd_jax.config import default_config
-from effopd_jax.tasks import arithmetic
+from examples.demo.configs import demo_config
+from examples.demo.prepare import enable_compilation_cache, prepare_assets
+from examples.demo.settings import DEFAULT_OUT, REPO_ROOT, DemoSettings, as_json, fast_settings
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "runs", "demo")
 TARGET_FRACTION = 0.95
 # What the demo's pair must show (the teacher clearly better than the student). Checked and
 # reported, not enforced: the fast test variant and other seeds may fall short.
@@ -54,187 +53,6 @@ TARGET_DEFINITION = (
     "initial student accuracy + 0.95 * (OPD final accuracy - initial student accuracy); "
     "steps_to_target = first evaluated step with test accuracy >= target"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A small Qwen3 architecture over the task's tokenizer."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 0  # 0: 2 * hidden_size
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """Every knob of the demo; all of them enter the asset cache key."""
-
-    seed: int = 0  # task files, SFT init and data order of teacher and student
-    run_seed: int | None = None  # the OPD runs' seed (rollouts, data order); None: ``seed``
-    max_digits: int = 3
-    n_train: int = 8000
-    n_val: int = 64
-    n_test: int = 256
-    # Teacher: converged (cosine-annealed) and sharp: its T=1 samples are about as accurate as its
-    # greedy answers, so the per-token log-prob it assigns to a student's token is a clear signal.
-    teacher: ModelSpec = ModelSpec(hidden_size=64, num_layers=2)
-    teacher_sft: sft.SFTSettings = sft.SFTSettings(steps=600, batch_size=64, learning_rate=3e-3, warmup_steps=30)
-    # Student: smaller and under-trained -- stopped part-way through a constant-rate warm-up,
-    # before it has learned the carries, as the paper's students are weaker for less training.
-    # A converged, annealed student sits in a sharp minimum: a fresh AdamW's first steps are
-    # sign-like (every weight moves by ~lr), and at lr 1e-3 even continued SFT on the reference
-    # derivations drops it to 0 accuracy in one step; at 1e-4 OPD can barely move it.
-    student: ModelSpec = ModelSpec(hidden_size=48, num_layers=2)
-    student_sft: sft.SFTSettings = sft.SFTSettings(
-        steps=350, batch_size=64, learning_rate=3e-3, warmup_steps=30, schedule="constant"
-    )
-    # OPD runs (identical for both arms except EffOPD).
-    opd_steps: int = 48
-    eval_every: int = 2
-    prompts_per_step: int = 64
-    # Constant LR, no warm-up, as the authors. Small steps, as in the paper's regime (lr 1e-6 on
-    # Qwen3-1.7B): OPD then climbs steadily along a consistent direction. Measured on seed 0
-    # (48 steps): 1e-5 -> 0.383 to 0.60, steady; 3e-5 -> 0.65 with most of the gain in the first
-    # 8 steps; 1e-4 -> 0.67 with the gain in the first 4 steps, then a noisy plateau on which
-    # EffOPD has nothing to extrapolate; 1e-3 collapses the student (fresh-AdamW sign-like steps).
-    learning_rate: float = 1e-5
-    effopd_val_prompts: int = 64
-    effopd_max_candidates: int = 5
-    # EffOPD scores candidates by greedy validation accuracy. The authors sample at T=1; on this
-    # task one T=1 sample per prompt is far noisier than greedy decoding of the same prompts.
-    effopd_val_temperature: float = 0.0
-
-    def cache_key(self) -> str:
-        """A short digest of the settings that shape the assets (not the OPD-run settings)."""
-        fields = {k: v for k, v in _as_json(self).items() if k in ASSET_FIELDS}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
-ASSET_FIELDS = ("seed", "max_digits", "n_train", "n_val", "n_test", "teacher", "teacher_sft", "student", "student_sft")
-
-
-def fast_settings(seed: int = 0) -> DemoSettings:
-    """Seconds-scale variant for tests: 2-digit sums, tiny models, a handful of steps."""
-    return DemoSettings(
-        seed=seed,
-        max_digits=2,
-        n_train=512,
-        n_val=16,
-        n_test=32,
-        # One architecture for both (the student just trains less), so the SFT and sampling
-        # programs compile once; the full demo's student is smaller than its teacher.
-        teacher=ModelSpec(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
-        teacher_sft=sft.SFTSettings(steps=20, batch_size=32, learning_rate=1e-2, warmup_steps=5, seed=seed),
-        student=ModelSpec(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
-        student_sft=sft.SFTSettings(steps=10, batch_size=32, learning_rate=1e-2, warmup_steps=5, seed=seed,
-                                  schedule="constant"),
-        opd_steps=4,
-        eval_every=2,
-        prompts_per_step=16,
-        effopd_val_prompts=16,
-        effopd_max_candidates=2,
-    )
-
-
-def _as_json(obj: Any) -> Any:
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Assets: task, tokenizer, teacher, student
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Assets:
-    task_dir: str
-    tokenizer_dir: str
-    teacher_dir: str
-    student_dir: str
-    teacher_accuracy: float
-    student_accuracy: float
-    max_new_tokens: int
-
-
-def _model_config(spec: ModelSpec, tokenizer):
-    return sft.qwen3_for_task(
-        len(tokenizer), hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate_size=spec.intermediate_size or None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def prepare_assets(settings: DemoSettings, out_dir: str = DEFAULT_OUT, *, log: Callable[..., None] = print) -> Assets:
-    """Writes (or reuses) the task files, tokenizer, teacher and student under ``out_dir/cache``."""
-    root = os.path.join(out_dir, "cache", f"seed{settings.seed}-{settings.cache_key()}")
-    task_dir = os.path.join(root, "task")
-    tokenizer_dir = os.path.join(task_dir, "tokenizer")
-    if not os.path.exists(os.path.join(task_dir, "test.jsonl")):
-        arithmetic.make_task_files(
-            task_dir, settings.seed, settings.n_train, settings.n_val, settings.n_test, max_digits=settings.max_digits
-        )
-        arithmetic.save_tokenizer(tokenizer_dir)
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    results = {}
-    for role, spec, sft_settings in (
-        ("teacher", settings.teacher, settings.teacher_sft),
-        ("student", settings.student, settings.student_sft),
-    ):
-        log(f"== {role}: Qwen3 hidden {spec.hidden_size} x {spec.num_layers} layers, {sft_settings.steps} SFT steps")
-        results[role] = sft.run_sft(
-            _model_config(spec, tokenizer), task_dir, tokenizer_dir, os.path.join(root, role),
-            dataclasses.replace(sft_settings, seed=settings.seed), log=log,
-        )
-    return Assets(
-        task_dir=task_dir,
-        tokenizer_dir=tokenizer_dir,
-        teacher_dir=os.path.join(root, "teacher"),
-        student_dir=os.path.join(root, "student"),
-        teacher_accuracy=results["teacher"]["test_accuracy"],
-        student_accuracy=results["student"]["test_accuracy"],
-        max_new_tokens=max(results["teacher"]["max_new_tokens"], results["student"]["max_new_tokens"]),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer configs (configs/demo_opd.py and configs/demo_effopd.py call this)
-# ---------------------------------------------------------------------------------------------
-
-
-def demo_config(
-    *, effopd: bool, settings: DemoSettings | None = None, assets: Assets | None = None, out_dir: str = DEFAULT_OUT
-) -> ml_collections.ConfigDict:
-    """The trainer config of one demo arm; prepares the (cached) assets when not given."""
-    settings = settings or DemoSettings()
-    assets = assets or prepare_assets(settings, out_dir)
-    c = default_config()
-    c.seed = settings.seed if settings.run_seed is None else settings.run_seed
-    c.total_steps = settings.opd_steps
-    c.eval_every = settings.eval_every
-    c.checkpoint_every = settings.eval_every
-    c.keep_checkpoints = settings.opd_steps // settings.eval_every + 1  # all of them: foresight reads them
-    c.export_hf = False
-    c.student.update(path=assets.student_dir, param_dtype="float32", compute_dtype="float32")
-    c.teacher.update(path=assets.teacher_dir, param_dtype="float32", compute_dtype="float32")
-    c.tokenizer = assets.student_dir
-    split = lambda name: os.path.join(assets.task_dir, f"{name}.jsonl")  # noqa: E731
-    c.data.update(
-        train_files=(split("train"),), eval_files=(split("test"),), prompts_per_step=settings.prompts_per_step,
-        max_prompt_length=24, chat_template_kwargs={}, max_eval_prompts=0,
-    )
-    c.rollout.update(max_new_tokens=assets.max_new_tokens, temperature=1.0)
-    c.eval.update(temperature=0.0, samples_per_prompt=1)  # greedy test accuracy, as for the SFT models
-    c.loss.update(chunk_size=64)
-    c.optimizer.update(learning_rate=settings.learning_rate)
-    c.mesh.update(data=1, fsdp=1, tensor=1)
-    c.effopd.update(
-        enabled=effopd, val_files=(split("validation"),), val_max_prompts=settings.effopd_val_prompts,
-        max_candidates=settings.effopd_max_candidates, val_temperature=settings.effopd_val_temperature,
-    )
-    return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,14 +162,6 @@ def plot_accuracy(summary: dict, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _enable_compilation_cache(path: str) -> None:
-    import jax  # noqa: PLC0415
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def _train(config: ml_collections.ConfigDict, workdir: str, log: Callable[..., None]) -> list[dict]:
     import jax  # noqa: PLC0415
 
@@ -377,7 +187,7 @@ def run_demo(settings: DemoSettings, out_dir: str = DEFAULT_OUT, *, foresight: b
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     assets_dir = assets_dir or out_dir
-    _enable_compilation_cache(os.path.join(assets_dir, "cache", "xla"))
+    enable_compilation_cache(os.path.join(assets_dir, "cache", "xla"))
     assets = prepare_assets(settings, assets_dir, log=log)
     log(f"teacher test accuracy {assets.teacher_accuracy:.3f}, student {assets.student_accuracy:.3f}")
     pair_ok = (
@@ -413,7 +223,7 @@ def run_demo(settings: DemoSettings, out_dir: str = DEFAULT_OUT, *, foresight: b
     summary = summarize(curves["opd"], curves["effopd"], teacher_accuracy=assets.teacher_accuracy)
     summary["student_sft_accuracy"] = assets.student_accuracy
     summary["pair_meets_bar"] = pair_ok
-    summary["settings"] = _as_json(settings)
+    summary["settings"] = as_json(settings)
     summary["demo_seconds"] = time.perf_counter() - t_start
 
     with open(os.path.join(out_dir, "summary.json"), "w") as f:

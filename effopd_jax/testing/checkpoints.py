@@ -1,8 +1,9 @@
-"""Tiny random Qwen3 checkpoints for smoke runs on CPU (``configs/tiny_cpu.py``, tests).
+"""Tiny random Qwen3 checkpoints for smoke runs on CPU (smoke configs, tests, benchmarks).
 
-They are real Hugging Face checkpoints (``config.json`` + safetensors + tokenizer files), written
-by ``convert.save_hf`` from our own initialisation, deterministic for a seed, and cached: a
-directory that already holds the same architecture and seed is reused.
+They are real Hugging Face checkpoints (``config.json`` + safetensors, plus the tokenizer files
+of a given tokenizer directory), written by ``convert.save_hf`` from our own initialisation,
+deterministic for a seed, and cached: a directory that already holds the same architecture and
+seed is reused.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import jax
 from effopd_jax import convert
 from effopd_jax.models.qwen import QwenConfig, init_params
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN3_TOKENIZER_DIR = os.path.join(REPO_ROOT, "third_party", "qwen3_tokenizer")
-GSM8K_FILE = os.path.join(REPO_ROOT, "third_party", "gsm8k", "gsm8k_test_100.jsonl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _MARKER = "effopd_tiny.json"
 
@@ -45,14 +43,19 @@ def tiny_qwen3_config(*, vocab_size: int = 151936, hidden_size: int = 32, num_la
     )
 
 
-def ensure_random_checkpoint(path: str, config: QwenConfig, *, seed: int,
-                             tokenizer_dir: str = QWEN3_TOKENIZER_DIR) -> str:
+def write_random_checkpoint(path: str, config: QwenConfig, *, seed: int,
+                            tokenizer_dir: str | None = None) -> str:
     """Writes (or reuses) a random-init HF checkpoint of ``config`` at ``path``; returns ``path``.
 
-    The tokenizer files of ``tokenizer_dir`` are copied next to the weights so the directory
-    works as ``config.student.path`` / ``config.tokenizer`` on its own.
+    When ``tokenizer_dir`` is given, its tokenizer files (``tokenizer.json``,
+    ``tokenizer_config.json``) are copied next to the weights so the directory works as
+    ``config.student.path`` / ``config.tokenizer`` on its own; the caller names the tokenizer
+    (Qwen3's for the default 151,936-token vocabulary), the library ships none.
     """
     marker = {"seed": seed, "config": config.to_hf()}
+    if tokenizer_dir is None:
+        # Recorded so that a later call asking for the tokenizer files does not reuse this one.
+        marker["tokenizer"] = None
     marker_path = os.path.join(path, _MARKER)
     if os.path.exists(marker_path):
         with open(marker_path) as f:
@@ -61,8 +64,9 @@ def ensure_random_checkpoint(path: str, config: QwenConfig, *, seed: int,
     os.makedirs(path, exist_ok=True)
     params = jax.device_get(init_params(config, jax.random.key(seed)))
     convert.save_hf(config, params, path)
-    for name in _TOKENIZER_FILES:
-        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    if tokenizer_dir is not None:
+        for name in _TOKENIZER_FILES:
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
     with open(marker_path, "w") as f:  # written last: a half-written directory is redone
         json.dump(marker, f)
     return path

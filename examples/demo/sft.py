@@ -1,6 +1,6 @@
 """Supervised warm-up (SFT) of a Qwen model on prompt/response rows: the demo's teacher and student.
 
-    python -m effopd_jax.sft --task_dir DIR --tokenizer DIR --out DIR [--hidden_size 64 ...]
+    python -m examples.demo.sft --task_dir DIR --tokenizer DIR --out DIR [--hidden_size 64 ...]
 
 Teacher forcing on ``chat_template(prompt) + response + <|im_end|>``; the loss is the mean
 next-token cross-entropy over the response tokens only (the final ``<|im_end|>`` included, so
@@ -34,7 +34,7 @@ import optax
 from effopd_jax import convert, data, grading, sampling
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models.qwen import Qwen, QwenConfig, init_params
-from effopd_jax.tiny import tiny_qwen3_config
+from effopd_jax.testing import tiny_qwen3_config
 
 PyTree = Any
 MARKER_FILE = "effopd_sft.json"
@@ -277,7 +277,7 @@ def qwen3_for_task(vocab_size: int, *, hidden_size: int, num_layers: int, num_he
                    eos_token_id: int, pad_token_id: int) -> QwenConfig:
     """A small Qwen3-architecture config over the task's tokenizer (tied embeddings, float32).
 
-    ``tiny.tiny_qwen3_config`` with the task's short context: RoPE base 1e4, 512 positions.
+    ``effopd_jax.testing.tiny_qwen3_config`` with the task's short context: RoPE base 1e4, 512 positions.
     """
     config = tiny_qwen3_config(
         vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
