@@ -3,7 +3,7 @@
 One random Qwen3 checkpoint (made by `transformers`, written with `save_pretrained`) is loaded
 into each implementation, all in fp32:
 
-  * ours:   `effopd_jax.convert.load_hf` + `Qwen(config).apply`, under `jax.jit`
+  * ours:   `effopd_jax.models.load_hf` + `models.forward`, under `jax.jit`
             (with `--ours-variants`, unrolled layers and/or `scan_layers=True`);
   * tunix:  `tunix.models.qwen3.params.create_model_from_safe_tensors`, the NNX module split
             into (graphdef, params) and merged inside `jax.jit`;
@@ -125,18 +125,15 @@ def jax_contender(
 
 
 def ours_contender(path: str, tokens: jax.Array, scan_layers: bool) -> Contender:
-    """effopd_jax's `Qwen` in fp32 (parameters and compute), no remat."""
-    from effopd_jax.convert import load_hf
-    from effopd_jax.models.qwen import Qwen
+    """effopd_jax's Qwen in fp32 (parameters and compute), no remat."""
+    from effopd_jax import models
 
-    config, params = load_hf(path, dtype=jnp.float32, scan_layers=scan_layers,
-                             compute_dtype=jnp.float32)
+    config, params = models.load_hf(path, param_dtype=jnp.float32, scan_layers=scan_layers,
+                                    compute_dtype=jnp.float32)
     if config.remat != "none":
         raise ValueError(f"expected no remat in the loaded config, got remat={config.remat!r}")
-    model = Qwen(config)
-
     def apply_logits(p, t):
-        return model.apply({"params": p}, t)
+        return models.forward(config, p, t)
 
     return jax_contender(
         f"ours ({'scan' if scan_layers else 'unrolled'})", apply_logits, params, tokens,

@@ -10,7 +10,7 @@ Two measurements, printed:
    cumulative weight updates.
 
 2. One monitor pass relative to one training step of the same model: a randomly initialised
-   ``effopd_jax.models.qwen.Qwen`` (``--hidden/--layers/...``), a jitted training step
+   Qwen3 (``effopd_jax.models``, ``--hidden/--layers/...``), a jitted training step
    (forward + backward of the next-token cross-entropy on random ``[batch, seq]`` tokens + an
    AdamW update via optax), and a jitted ``monitor.monitor_step`` (all 7 attention/MLP matrices of
    every layer, ΔW from a perturbed copy of the params) for each k in ``--ks``, with the
@@ -41,14 +41,13 @@ import statistics
 import time
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from effopd_jax import monitor
-from effopd_jax.models.qwen import Qwen, QwenConfig
+from effopd_jax import models, monitor
+from effopd_jax.models.qwen import QwenConfig
 
 
 def time_compiled(jitted, args: tuple, reps: int) -> tuple[float, float, float, object]:
@@ -104,11 +103,11 @@ def bench_monitor_vs_step(args: argparse.Namespace) -> None:
         param_dtype=jnp.float32, dtype=jnp.float32 if args.compute_dtype == "float32" else jnp.bfloat16,
         scan_layers=args.scan_layers,
     )
-    model = Qwen(config)
+    layout = models.layout(config)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (args.batch, args.seq), 0, args.vocab)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens[:, :8]))["params"]
+    params = models.init_params(config, jax.random.PRNGKey(1))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    kernels = monitor.module_kernels(params)
+    kernels = monitor.module_kernels(params, layout)
     n_monitored = sum(x.size for x in kernels.values())
     print(
         f"\n== monitor pass vs training step: Qwen hidden={args.hidden} layers={args.layers}"
@@ -120,7 +119,7 @@ def bench_monitor_vs_step(args: argparse.Namespace) -> None:
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
 
     def loss_fn(p, ids):
-        logits = model.apply({"params": p}, ids)
+        logits = models.forward(config, p, ids)
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
@@ -138,16 +137,16 @@ def bench_monitor_vs_step(args: argparse.Namespace) -> None:
     params_t = jax.tree.unflatten(
         treedef, [x + 1e-3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     )
-    state = monitor.init_monitor_state(params)
+    state = monitor.init_monitor_state(params, layout)
     candidates: dict[str, Callable[[], object]] = {"training step (fwd+bwd+AdamW)": lambda: train_step(params, opt_state, tokens)}
     modes = [(k, False) for k in args.ks] + ([(max(args.ks), True)] if args.full_spectrum else [])
     for k, full in modes:
         config_m = monitor.MonitorConfig(k=k, full_spectrum=full)
         # Time the steady-state pass (with reference bases, so overlaps are computed too).
-        state_ref, _ = monitor.monitor_step(state, params_t, jax.random.PRNGKey(3), config=config_m)
+        state_ref, _ = monitor.monitor_step(state, params_t, jax.random.PRNGKey(3), config=config_m, layout=layout)
         mode = "exact SVD, full spectrum" if full else f"svd auto, l={k + config_m.oversample}, q={config_m.power_iters}"
         candidates[f"monitor pass k={k} ({mode})"] = (
-            lambda s=state_ref, c=config_m: monitor.monitor_step(s, params_t, jax.random.PRNGKey(4), config=c)
+            lambda s=state_ref, c=config_m: monitor.monitor_step(s, params_t, jax.random.PRNGKey(4), config=c, layout=layout)
         )
     # Compile + warm up each, then time them round robin so load bursts hit all alike.
     first = {}

@@ -3,7 +3,7 @@
 One random Qwen3 checkpoint (made by `transformers`, written with `save_pretrained`,
 `_peers.write_tiny_qwen3_checkpoint`) is loaded into each implementation, all fp32:
 
-  * ours:   `effopd_jax.convert.load_hf` + `effopd_jax.sampling.generate` (prefill + jitted
+  * ours:   `effopd_jax.models.load_hf` + `effopd_jax.sampling.generate` (prefill + jitted
             `lax.while_loop` decode over a static KV cache);
   * torch:  `transformers.AutoModelForCausalLM.generate` (sdpa attention, dynamic cache);
   * tunix:  `tunix.generate.sampler.Sampler` over Tunix's NNX `Qwen3`
@@ -63,10 +63,9 @@ class Contender:
 # Contenders
 # ---------------------------------------------------------------------------------------------
 def ours_contender(path: str, prompts: list[list[int]]) -> Contender:
-    from effopd_jax import sampling
-    from effopd_jax.convert import load_hf
+    from effopd_jax import models, sampling
 
-    config, params = load_hf(path, dtype=jnp.float32, compute_dtype=jnp.float32)
+    config, params = models.load_hf(path, param_dtype=jnp.float32, compute_dtype=jnp.float32)
 
     def generate(new_tokens: int, temperature: float, seed: int) -> np.ndarray:
         out = sampling.generate(

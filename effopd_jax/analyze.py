@@ -5,21 +5,22 @@
         [--topk-only] [--keep-order] [--seed 0]
 
 Each checkpoint is one of
-  hf     a Hugging Face directory (``config.json`` + safetensors, read by ``convert.load_hf``);
+  hf     a Hugging Face directory (``config.json`` + safetensors, read by ``models.load_hf``);
   orbax  an orbax params directory written by ``python -m effopd_jax.convert hf-to-orbax``
-         (``params/`` + ``qwen_config.json``);
+         (``params/`` + ``model_config.json``);
   run    a step directory of the trainer (``WORKDIR/checkpoints/<step>``, holding ``state/``):
-         only ``state.params`` is read (orbax partial restore); it carries no model config, so
-         the architecture is checked by parameter shapes, and ``--rank-k-export`` takes the
-         config from an hf/orbax checkpoint of the series (e.g. the base student).
+         only ``state.trainable_params`` is read (orbax partial restore; for full fine-tuning
+         that is the whole student) and the model config the trainer wrote into ``meta``.
+Which parameters are the attention/MLP matrices comes from the model's layout
+(``effopd_jax.models.layout``), built from the first checkpoint that carries a config.
 The base W_0 comes first and the final W_T last. Ordering: when every directory name ends in a
 number (``step_20``, ``DAPO-step-7``, ``checkpoints/12``) they are sorted by it; when all but the
 first given do, the first given is the base (step 0) and the rest are sorted; otherwise (or with
 ``--keep-order``) the given order is kept with steps 0..T. The order used is printed. Parameters are
 analysed in the unscanned layout (a scanned tree is split into ``layers_{i}``).
 
-For every checkpoint t >= 1 and every attention/MLP matrix (q, k, v, o, gate, up, down) of every
-layer, from ΔW_t = W_t − W_0 (metrics of ``effopd_jax.monitor``, HF orientation ``[out, in]``,
+For every checkpoint t >= 1 and every matrix of the layout (for Qwen: q, k, v, o, gate, up, down
+of every layer), from ΔW_t = W_t − W_0 (metrics of ``effopd_jax.monitor``, HF orientation ``[out, in]``,
 U spans the output space):
   update_norm ‖ΔW‖_F, w0_norm ‖W_0‖_F, rel_update ‖ΔW‖_F/‖W_0‖_F,
   alloc (the module's share of its layer's Σ‖ΔW‖_F²),
@@ -66,16 +67,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effopd_jax import monitor
-from effopd_jax.models.qwen import QwenConfig
+from effopd_jax import checkpoint as checkpoint_lib
+from effopd_jax import models, monitor
+from effopd_jax.models import ModelConfig, ModelLayout
 
-MODULE_NAMES = monitor.MODULE_NAMES
-SHORT_NAMES = {name: name.split("/")[1].removesuffix("_proj") for name in MODULE_NAMES}
-# QwenConfig fields that fix the parameter tree; checkpoints must agree on all of them.
-ARCHITECTURE_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "qkv_bias",
-    "o_proj_bias", "qk_norm",
+# Config fields that do not fix the parameter tree (checkpoints may differ in them).
+NON_ARCHITECTURE_FIELDS = (
+    "param_dtype", "dtype", "scan_layers", "remat", "max_position_embeddings", "initializer_range",
+    "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rms_norm_eps",
 )
 METRIC_COLUMNS = (
     "update_norm", "w0_norm", "rel_update", "alloc", "energy", "erank",
@@ -94,18 +93,20 @@ def _log(message: str) -> None:
 
 def checkpoint_format(path: str | os.PathLike) -> str:
     """'hf', 'orbax' or 'run' for a checkpoint directory; ValueError naming the path otherwise."""
+    from effopd_jax import convert
+
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    if os.path.isfile(os.path.join(path, "qwen_config.json")) and os.path.isdir(os.path.join(path, "params")):
+    if convert.is_orbax_params_dir(path):
         return "orbax"
     if os.path.isdir(os.path.join(path, "state")):
         return "run"
     raise ValueError(
         f"checkpoint {path!r} is neither a Hugging Face directory (config.json + safetensors), an"
-        " orbax params directory (params/ + qwen_config.json) nor a trainer step directory (state/)"
+        " orbax params directory (params/ + model_config.json) nor a trainer step directory (state/)"
     )
 
 
@@ -113,15 +114,18 @@ def unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
     """The unscanned layout of a params tree: a ``layers`` subtree becomes ``layers_{i}``."""
     if "layers" not in params:
         return dict(params)
-    _, num_layers = monitor.param_layout(params)
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
     out = {key: value for key, value in params.items() if key != "layers"}
     for i in range(num_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
     return out
 
 
-def _restore_run_params(path: str) -> Any:
-    """``state.params`` of a trainer step directory, without reading the optimizer state."""
+def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any]:
+    """(model config from meta or None, ``state.trainable_params``) of a trainer step directory,
+    without reading the optimizer state."""
+    import json
+
     import orbax.checkpoint as ocp
 
     state_dir = os.path.join(os.path.abspath(path), "state")
@@ -129,10 +133,11 @@ def _restore_run_params(path: str) -> Any:
         metadata = checkpointer.metadata(state_dir)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        raise ValueError(f"checkpoint {path!r}: state/ has no 'params' entry")
+    if not isinstance(tree, Mapping) or "trainable_params" not in tree:
+        raise ValueError(f"checkpoint {path!r}: state/ has no 'trainable_params' entry")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+    target = {"trainable_params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["trainable_params"])}
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
             state_dir,
@@ -140,39 +145,49 @@ def _restore_run_params(path: str) -> Any:
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
             ),
         )
-    return restored["params"]
+    config = None
+    meta_file = os.path.join(os.path.abspath(path), "meta", "metadata")
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            fields = json.load(f).get(checkpoint_lib.META_MODEL_CONFIG)
+        if fields is not None:
+            config = models.family_for(str(fields.get("model_type"))).config_from_dict(fields)
+    return config, restored["trainable_params"]
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[QwenConfig | None, Any]:
-    """(config or None for 'run', float32 params in the unscanned layout) of a checkpoint dir."""
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, Any]:
+    """(config or None, float32 params in the unscanned layout) of a checkpoint directory.
+
+    The config is None only for a trainer step directory written without one in its meta.
+    """
     from effopd_jax import convert
 
     fmt = checkpoint_format(path)
     if fmt == "hf":
-        config, params = convert.load_hf(path, dtype=jnp.float32, scan_layers=False)
+        config, params = models.load_hf(path, param_dtype=jnp.float32, scan_layers=False)
         return config, params
     if fmt == "orbax":
         config, params = convert.load_orbax(path)
     else:
-        config, params = None, _restore_run_params(os.fspath(path))
+        config, params = _restore_run_checkpoint(os.fspath(path))
     params = unscanned(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
     if config is not None:
         config = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
     return config, params
 
 
-def check_same_architecture(configs: Sequence[QwenConfig | None], names: Sequence[str]) -> None:
+def check_same_architecture(configs: Sequence[ModelConfig | None], names: Sequence[str]) -> None:
     """ValueError naming the first checkpoint whose architecture differs from the first one's.
 
-    Checkpoints without a config (trainer step directories) are skipped here; their parameter
-    shapes are compared by ``check_same_shapes``.
+    Checkpoints without a config are skipped here; their parameter shapes are compared by
+    ``check_same_shapes``.
     """
-    known = [(c, n) for c, n in zip(configs, names) if c is not None]
-    for config, name in known[1:]:
+    known = [(c.to_dict(), n) for c, n in zip(configs, names) if c is not None]
+    for fields, name in known[1:]:
         diffs = [
-            f"{field}: {getattr(known[0][0], field)!r} vs {getattr(config, field)!r}"
-            for field in ARCHITECTURE_FIELDS
-            if getattr(known[0][0], field) != getattr(config, field)
+            f"{field}: {known[0][0].get(field)!r} vs {fields.get(field)!r}"
+            for field in sorted(set(known[0][0]) | set(fields))
+            if field not in NON_ARCHITECTURE_FIELDS and known[0][0].get(field) != fields.get(field)
         ]
         if diffs:
             raise ValueError(
@@ -225,9 +240,11 @@ class AnalysisResult:
       names, steps: checkpoint directory names and steps (index 0 = base).
       rows: metrics.csv rows, dicts with checkpoint, step, layer, module + METRIC_COLUMNS.
       summary: summary.csv rows.
-      final_spectra: {module: [L, r]} singular values of the final update.
+      final_spectra: {module: [n, r]} singular values of the final update (row j = layer
+        ``module_layers[module][j]``).
       k: top-k.
       num_layers: L.
+      module_layers: {module: the layers holding it}, in the layout's module order.
       export_dir: the rank-k HF checkpoint directory, or None.
     """
 
@@ -238,6 +255,7 @@ class AnalysisResult:
     final_spectra: dict[str, np.ndarray]
     k: int
     num_layers: int
+    module_layers: dict[str, tuple[int, ...]]
     export_dir: str | None = None
 
 
@@ -248,7 +266,7 @@ def _update_metrics(w_t, w_0, key, ref_u, ref_v, *, config):
 
 def _module_stats(kernels_t, kernels_0, key, config, ref=None) -> dict[str, dict[str, np.ndarray]]:
     out = {}
-    for index, name in enumerate(MODULE_NAMES):
+    for index, name in enumerate(kernels_0):
         ref_u, ref_v = (None, None) if ref is None else (ref[name]["u"], ref[name]["v"])
         stats = _update_metrics(
             kernels_t[name], kernels_0[name], jax.random.fold_in(key, index), ref_u, ref_v, config=config
@@ -287,12 +305,8 @@ def analyze(
             f"--checkpoints needs at least 2 directories (the base W_0 and one trained checkpoint),"
             f" got {len(checkpoints)}"
         )
-    formats = [checkpoint_format(path) for path in checkpoints]
-    if rank_k_export is not None and all(f == "run" for f in formats):
-        raise ValueError(
-            "--rank-k-export needs a model config, but every checkpoint is a trainer step directory"
-            " (no config); put the base HF checkpoint first"
-        )
+    for path in checkpoints:
+        checkpoint_format(path)  # refuses anything that is not a checkpoint before loading
     paths, steps = order_checkpoints(list(checkpoints), keep_order)
     names = [os.path.basename(os.path.normpath(p)) for p in paths]
     _log("order: " + ", ".join(f"{n} (step {s})" for n, s in zip(names, steps)))
@@ -300,7 +314,7 @@ def analyze(
     config_m = monitor.MonitorConfig(k=k, svd_method=svd_method, full_spectrum=full_spectrum)
     key = jax.random.PRNGKey(seed)
 
-    configs: dict[int, QwenConfig | None] = {}
+    configs: dict[int, ModelConfig | None] = {}
 
     def load(i: int):
         start = time.perf_counter()
@@ -313,18 +327,31 @@ def analyze(
 
     base_params = None
     _, base_params = load(0)
-    base = monitor.module_kernels(base_params)
-    num_layers = base[MODULE_NAMES[0]].shape[0]
+    _, final_params = load(len(paths) - 1)
+    model_config = next((c for c in (configs[0], configs[len(paths) - 1]) if c is not None), None)
+    if model_config is None:
+        # Only trainer step directories written without a model config in their meta.
+        for i in range(1, len(paths) - 1):
+            model_config = load_checkpoint(paths[i])[0]
+            if model_config is not None:
+                break
+    if model_config is None:
+        raise ValueError(
+            "no checkpoint of the series carries a model config (needed for the parameter layout);"
+            " put the base HF checkpoint first"
+        )
+    layout = models.layout(model_config)
+    base = monitor.module_kernels(base_params, layout)
+    module_layers = {name: layout.module_layers(name) for name in layout.matrix_modules}
     check_k(base, k)
     if rank_k_export is not None:
         check_k(base, rank_k_export, "--rank-k-export")
-    _, final_params = load(len(paths) - 1)
-    final = monitor.module_kernels(final_params)
+    final = monitor.module_kernels(final_params, layout)
 
     start = time.perf_counter()
     final_stats = _module_stats(final, base, key, config_m)
     _log(f"final update: top-{k} bases in {time.perf_counter() - start:.1f} s")
-    ref = {name: {"u": final_stats[name]["u"], "v": final_stats[name]["v"]} for name in MODULE_NAMES}
+    ref = {name: {"u": final_stats[name]["u"], "v": final_stats[name]["v"]} for name in module_layers}
 
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
@@ -332,41 +359,42 @@ def analyze(
     erank_key = "erank" if full_spectrum else "erank_topk"
     for i in range(1, len(paths)):
         start = time.perf_counter()
-        kernels = final if i == len(paths) - 1 else monitor.module_kernels(load(i)[1])
+        kernels = final if i == len(paths) - 1 else monitor.module_kernels(load(i)[1], layout)
         stats = _module_stats(kernels, base, key, config_m, ref)
-        shares = {n: np.asarray(v) for n, v in monitor.allocation({n: s["update_norm"] for n, s in stats.items()}).items()}
-        for name in MODULE_NAMES:
+        shares = {n: np.asarray(v) for n, v in monitor.allocation(
+            {n: s["update_norm"] for n, s in stats.items()}, module_layers).items()}
+        for name, layers in module_layers.items():
             s = stats[name]
             if prev is not None:
                 s["overlap_prev_left"] = _overlap(s["u"], prev[name]["u"])
                 s["overlap_prev_right"] = _overlap(s["v"], prev[name]["v"])
-            for layer in range(num_layers):
+            for row_index, layer in enumerate(layers):
                 row = {"checkpoint": names[i], "step": steps[i], "layer": layer, "module": name}
+                value = lambda key: s[key][row_index]  # noqa: E731
                 row.update(
-                    update_norm=s["update_norm"][layer], w0_norm=s["w0_norm"][layer],
-                    rel_update=s["rel_update"][layer], alloc=shares[name][layer],
-                    energy=s["energy"][layer], erank=s[erank_key][layer],
-                    overlap_final_left=s["overlap_left"][layer], overlap_final_right=s["overlap_right"][layer],
-                    overlap_prev_left=s["overlap_prev_left"][layer] if prev is not None else "",
-                    overlap_prev_right=s["overlap_prev_right"][layer] if prev is not None else "",
+                    update_norm=value("update_norm"), w0_norm=value("w0_norm"),
+                    rel_update=value("rel_update"), alloc=shares[name][row_index],
+                    energy=value("energy"), erank=value(erank_key),
+                    overlap_final_left=value("overlap_left"), overlap_final_right=value("overlap_right"),
+                    overlap_prev_left=value("overlap_prev_left") if prev is not None else "",
+                    overlap_prev_right=value("overlap_prev_right") if prev is not None else "",
                 )
                 rows.append(row)
         summary.extend(_summarize(names[i], steps[i], stats, shares, prev is not None, erank_key))
-        prev = {name: {"u": stats[name]["u"], "v": stats[name]["v"]} for name in MODULE_NAMES}
+        prev = {name: {"u": stats[name]["u"], "v": stats[name]["v"]} for name in module_layers}
         _log(f"metrics {i}/{len(paths) - 1} {names[i]} in {time.perf_counter() - start:.1f} s")
 
-    final_spectra = {name: np.asarray(final_stats[name]["spectrum"]) for name in MODULE_NAMES}
-    result = AnalysisResult(names, steps, rows, summary, final_spectra, k, num_layers)
+    final_spectra = {name: np.asarray(final_stats[name]["spectrum"]) for name in module_layers}
+    result = AnalysisResult(names, steps, rows, summary, final_spectra, k,
+                            model_config.num_hidden_layers, module_layers)
     _write_csv(os.path.join(out_dir, "metrics.csv"), rows)
     _write_csv(os.path.join(out_dir, "summary.csv"), summary)
-    _write_spectrum_csv(os.path.join(out_dir, "spectrum.csv"), final_spectra)
+    _write_spectrum_csv(os.path.join(out_dir, "spectrum.csv"), final_spectra, module_layers)
     _log(f"wrote metrics.csv ({len(rows)} rows), summary.csv, spectrum.csv to {out_dir}")
     if plots:
         for path in write_plots(result, out_dir):
             _log(f"wrote {path}")
     if rank_k_export is not None:
-        # Every checkpoint has been loaded by now; any of them with a config describes them all.
-        model_config = next(configs[i] for i in sorted(configs) if configs[i] is not None)
         result.export_dir = export_rank_k(
             model_config, base_params, final_params, rank_k_export, alpha,
             os.path.join(out_dir, f"rank_{rank_k_export}_alpha_{alpha:g}"), export_dtype, svd_method, seed,
@@ -412,12 +440,13 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: (float(v) if isinstance(v, (np.floating, np.ndarray)) else v) for k, v in row.items()})
 
 
-def _write_spectrum_csv(path: str, spectra: Mapping[str, np.ndarray]) -> None:
+def _write_spectrum_csv(path: str, spectra: Mapping[str, np.ndarray],
+                        module_layers: Mapping[str, tuple[int, ...]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["layer", "module", "j", "sigma", "sigma_over_sigma1", "cumulative_energy"])
         for name, stacked in spectra.items():
-            for layer, s in enumerate(stacked):
+            for layer, s in zip(module_layers[name], stacked):
                 s = np.asarray(s, np.float64)
                 energy = np.cumsum(s**2) / max(np.sum(s**2), np.finfo(np.float64).tiny)
                 top = s[0] if s[0] > 0 else 1.0
@@ -440,8 +469,8 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     final_name = result.names[-1]
     final_label = f"{final_name} (step {result.steps[-1]})"
     final_rows = [r for r in result.rows if r["checkpoint"] == final_name]
-    modules = list(MODULE_NAMES)
-    labels = [SHORT_NAMES[m] for m in modules]
+    modules = list(result.module_layers)
+    labels = [monitor.short_module_name(m) for m in modules]
     L = result.num_layers
 
     def grid(column):
@@ -474,7 +503,7 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
             points = [(r["step"], r[f"overlap_final_{side}"]) for r in summary if r["module"] == module]
             xs, ys = zip(*points)
             style = dict(color="black", linewidth=2.5) if module == "all" else dict(linewidth=1.2)
-            ax.plot(xs, ys, marker="o", markersize=3, label="mean" if module == "all" else SHORT_NAMES[module], **style)
+            ax.plot(xs, ys, marker="o", markersize=3, label="mean" if module == "all" else monitor.short_module_name(module), **style)
         space = "U, output space" if side == "left" else "V, input space"
         ax.set_title(f"top-{result.k} overlap with the final update ({space})")
         ax.set_xlabel("step")
@@ -491,8 +520,8 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
         normalized = s / np.maximum(s[:, :1], np.finfo(np.float64).tiny)
         energy = np.cumsum(s**2, axis=1) / np.maximum(np.sum(s**2, axis=1, keepdims=True), np.finfo(np.float64).tiny)
         j = np.arange(1, s.shape[1] + 1)
-        axes[0].semilogy(j, np.mean(normalized, axis=0), label=SHORT_NAMES[module])
-        axes[1].plot(j, np.mean(energy, axis=0), label=SHORT_NAMES[module])
+        axes[0].semilogy(j, np.mean(normalized, axis=0), label=monitor.short_module_name(module))
+        axes[1].plot(j, np.mean(energy, axis=0), label=monitor.short_module_name(module))
     axes[0].set_title(f"σ_j/σ_1 of ΔW at {final_label} (mean over layers)")
     axes[0].set_xlabel("j")
     axes[1].axvline(result.k, color="gray", linestyle="--", label=f"k = {result.k}")
@@ -510,7 +539,7 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * L + 3), 4.5))
     bottom = np.zeros(L)
     for col, module in enumerate(modules):
-        ax.bar(range(L), alloc[:, col], bottom=bottom, label=SHORT_NAMES[module])
+        ax.bar(range(L), alloc[:, col], bottom=bottom, label=monitor.short_module_name(module))
         bottom += alloc[:, col]
     ax.set_xticks(range(L))
     ax.set_xlabel("layer")
@@ -537,7 +566,7 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def export_rank_k(
-    config: QwenConfig,
+    config: ModelConfig,
     params_0: Any,
     params_t: Any,
     k: int,
@@ -547,48 +576,51 @@ def export_rank_k(
     svd_method: monitor.SVDMethod = "auto",
     seed: int = 0,
 ) -> str:
-    """Writes the spec §4.2 rank-k reconstruction of ``params_t`` as a HF checkpoint at ``path``.
+    """Writes the norm-preserving rank-k reconstruction of ``params_t`` (docs/foresight.md) as a
+    HF checkpoint at ``path``.
 
-    Attention/MLP kernels become W_0 + α(‖ΔW‖_F/‖ΔW_k‖_F)ΔW_k; every other parameter is the
-    base's (the authors' ``upd_rank.py``). ``dtype``: storage dtype (default float32).
+    The layout's matrices become W_0 + α(‖ΔW‖_F/‖ΔW_k‖_F)ΔW_k; every other parameter is the
+    base's (the authors' ``upd_rank.py``). ``config`` describes the params' layout
+    (``scan_layers``); ``dtype``: storage dtype (default float32).
     """
-    from effopd_jax import convert
-
     start = time.perf_counter()
-    check_k(monitor.module_kernels(params_0), k, "--rank-k-export")
+    layout = models.layout(config)
+    check_k(monitor.module_kernels(params_0, layout), k, "--rank-k-export")
     new_params = monitor.rank_k_reconstruct_params(
-        params_0, params_t, k, jax.random.PRNGKey(seed), alpha=alpha, method=svd_method
+        params_0, params_t, k, jax.random.PRNGKey(seed), layout=layout, alpha=alpha, method=svd_method
     )
-    layout, _ = monitor.param_layout(new_params)
-    config = dataclasses.replace(config, scan_layers=layout == "scanned")
-    convert.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype))
+    models.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype))
     _log(f"wrote rank-{k} (alpha {alpha:g}) reconstruction to {path} in {time.perf_counter() - start:.1f} s")
     return path
 
 
 def reset_modules(
-    params_0: Mapping[str, Any], params_t: Mapping[str, Any], modules: Sequence[str], layers: Sequence[int] | None = None
+    params_0: Mapping[str, Any],
+    params_t: Mapping[str, Any],
+    modules: Sequence[str],
+    layers: Sequence[int] | None = None,
+    *,
+    layout: ModelLayout,
 ) -> dict[str, Any]:
-    """``params_t`` with the given modules' kernels (in the given layers, default all) reset to W_0.
+    """``params_t`` with the given modules' matrices (in the given layers, default all) reset to W_0.
 
     Everything else (other modules, embeddings, norms, biases) stays at ``params_t``.
     """
-    unknown = [m for m in modules if m not in MODULE_NAMES]
+    unknown = [m for m in modules if m not in layout.matrix_modules]
     if unknown:
-        raise ValueError(f"unknown modules {unknown}; expected names from {MODULE_NAMES}")
-    base = monitor.module_kernels(params_0, tuple(modules))
-    final = monitor.module_kernels(params_t, tuple(modules))
-    num_layers = next(iter(final.values())).shape[0]
-    mask = np.zeros(num_layers, bool)
-    selected = range(num_layers) if layers is None else layers
+        raise ValueError(f"unknown modules {unknown}; expected names from {layout.matrix_modules}")
+    base = monitor.module_kernels(params_0, layout, tuple(modules))
+    final = monitor.module_kernels(params_t, layout, tuple(modules))
+    num_layers = 1 + max(max(layout.module_layers(m)) for m in layout.matrix_modules)
+    selected = set(range(num_layers) if layers is None else layers)
     for layer in selected:
         if not 0 <= layer < num_layers:
             raise ValueError(f"layer {layer} out of range [0, {num_layers})")
-        mask[layer] = True
-    new = {
-        m: jnp.where(jnp.asarray(mask)[:, None, None], base[m], final[m]).astype(final[m].dtype) for m in modules
-    }
-    return monitor.replace_module_kernels(params_t, new)
+    new = {}
+    for m in modules:
+        mask = np.asarray([layer in selected for layer in layout.module_layers(m)])
+        new[m] = jnp.where(jnp.asarray(mask)[:, None, None], base[m], final[m]).astype(final[m].dtype)
+    return monitor.replace_module_kernels(params_t, layout, new)
 
 
 def marginal_utility(
@@ -597,15 +629,17 @@ def marginal_utility(
     evaluate: Callable[[Any], float],
     groups: Mapping[str, Sequence[str]] | None = None,
     per_layer: bool = False,
+    *,
+    layout: ModelLayout,
 ) -> dict[str, float]:
     """Marginal utility of each module group's update: the score lost when its ΔW is reset.
 
-    For every group g (default ``monitor.MODULE_GROUPS``: "attn", "mlp" and each of q, k, v, o,
-    gate, up, down), the model ``reset_modules(params_0, params_t, groups[g])`` (the group's
-    attention/MLP kernels back at W_0 in every layer, everything else at W_t) is scored with
-    ``evaluate`` and
+    For every group g (default ``monitor.module_groups(layout)``: "attention", "mlp" and each
+    matrix module alone by its short name, e.g. q, k, v, o, gate, up, down), the model
+    ``reset_modules(params_0, params_t, groups[g])`` (the group's matrices back at W_0 in every
+    layer, everything else at W_t) is scored with ``evaluate`` and
         utility[g] = evaluate(params_t) − evaluate(reset_g).
-    With ``per_layer`` each layer ℓ (all 7 matrices) is a group too, ``layer_{ℓ}``.
+    With ``per_layer`` each layer ℓ (all its matrices) is a group too, ``layer_{ℓ}``.
 
     Args:
       params_0, params_t: base and trained params (same architecture and layout).
@@ -613,21 +647,23 @@ def marginal_utility(
         params tree in ``params_t``'s layout; it is called 2 + len(groups) (+ L) times.
       groups: {name: module names}.
       per_layer: also reset one layer at a time.
+      layout: the params' layout (``effopd_jax.models.layout(config)``).
 
     Returns:
       {"score/full", "score/base", "score/reset_<g>", "utility/<g>"} as floats.
     """
     monitor.check_same_architecture(params_0, params_t, ("params_0", "params_t"))
+    groups = monitor.module_groups(layout) if groups is None else groups
     resets: list[tuple[str, tuple[str, ...], list[int] | None]] = [
-        (name, tuple(modules), None) for name, modules in (monitor.MODULE_GROUPS if groups is None else groups).items()
+        (name, tuple(modules), None) for name, modules in groups.items()
     ]
     if per_layer:
-        _, num_layers = monitor.param_layout(params_t)
-        resets += [(f"layer_{layer}", MODULE_NAMES, [layer]) for layer in range(num_layers)]
+        num_layers = 1 + max(max(layout.module_layers(m)) for m in layout.matrix_modules)
+        resets += [(f"layer_{layer}", layout.matrix_modules, [layer]) for layer in range(num_layers)]
     full = float(evaluate(params_t))
     out = {"score/full": full, "score/base": float(evaluate(params_0))}
     for name, modules, layers in resets:
-        score = float(evaluate(reset_modules(params_0, params_t, modules, layers)))
+        score = float(evaluate(reset_modules(params_0, params_t, modules, layers, layout=layout)))
         out[f"score/reset_{name}"] = score
         out[f"utility/{name}"] = full - score
         _log(f"marginal utility {name}: score {score:.4f}, utility {full - score:+.4f}")

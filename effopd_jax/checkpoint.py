@@ -1,10 +1,12 @@
 """Save / resume of a training run with orbax's CheckpointManager.
 
 A checkpoint is one step directory with three items, plus an optional fourth:
-  state    the train state pytree (params, optimizer state incl. the EffOPD anchor, step, rng),
+  state    the train state pytree (trainable params, optimizer state incl. the EffOPD anchor,
+           step, rng),
            saved with its shardings and restored into the target shardings;
   data     the data iterator's state (JSON), so a resumed run continues at the next batch;
-  meta     small JSON facts (step, wall-clock so far, counters) for humans and the trainer;
+  meta     small JSON facts (step, wall-clock so far, the student's model config) for humans,
+           the trainer and the offline analysis;
   monitor  the live foresight monitor's reference bases (when it has any), so the first monitor
            pass after a resume measures subspace overlap exactly as an uninterrupted run would.
 
@@ -21,6 +23,9 @@ import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+# The meta item of every trainer checkpoint carries the student's model config
+# (``config.to_dict()``) under this key, so a step directory can be read on its own.
+META_MODEL_CONFIG = "student_model_config"
 
 
 class RunCheckpointer:

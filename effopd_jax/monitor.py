@@ -30,8 +30,8 @@ Public API
   truncated_svd, singular_values             the SVDs (randomized range finder / exact)
   effective_rank, energy_ratio, subspace_overlap   the metrics, on singular values / bases
   rank_k_update, rank_k_reconstruct_params   spec §4.2 norm-preserving rank-k reconstruction
-  param_layout, module_kernels, replace_module_kernels, check_same_architecture
-                                              read/write the 7 matrices per layer, both layouts
+  module_kernels, replace_module_kernels, module_groups, check_same_architecture
+                                              read/write the layout's matrices per module
   update_metrics, allocation, map_layers      all metrics of one module type over stacked layers
   MonitorConfig, MonitorState, init_monitor_state, monitor_step, Monitor   the live hook
 
@@ -45,7 +45,7 @@ Cost of one live monitor pass (``monitor_step``), per monitored matrix ΔW of sh
   efficiency than matmuls, so measure with ``benchmarks/monitor_cost.py``.
   ``full_spectrum=True`` replaces this by an exact SVD, O(m·n·min(m, n)) per matrix.
 Memory:
-  state: a copy of W_0 for the 7 matrices of every layer (the params' dtype; ~the whole
+  state: a copy of W_0 for the layout's matrices (the 7 of every Qwen layer; params dtype; ~the whole
   non-embedding model) + the previous top-k bases, Σ L·(m + n)·k float32 values;
   transient: one module type's stacked ΔW in float32 (L·m·n·4 bytes; only
   ``layer_batch_size`` layers at a time when it is set) plus, for the unscanned layout, the
@@ -56,37 +56,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Literal, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from effopd_jax.models.family import ModelLayout, ParamInfo
+
 Array = jax.Array
 PyTree = Any
 
-# The 2-D attention and MLP weights of a decoder layer, as `/`-joined sub-paths of the layer
-# (docs/architecture.md). The authors' svd.py analyses exactly these (spec §4.1).
-MODULE_NAMES: tuple[str, ...] = (
-    "self_attn/q_proj",
-    "self_attn/k_proj",
-    "self_attn/v_proj",
-    "self_attn/o_proj",
-    "mlp/gate_proj",
-    "mlp/up_proj",
-    "mlp/down_proj",
-)
-# Module groups used by the marginal-utility ablation and the summaries.
-MODULE_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn": MODULE_NAMES[:4],
-    "mlp": MODULE_NAMES[4:],
-    **{name.split("/")[1].removesuffix("_proj"): (name,) for name in MODULE_NAMES},
-}
-
 SVDMethod = Literal["auto", "randomized", "exact"]
 _HIGHEST = jax.lax.Precision.HIGHEST
-_LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
 
 class SVDResult(NamedTuple):
@@ -317,64 +299,54 @@ def rank_k_update(
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter-pytree access (both layouts)
+# Parameter-pytree access, through the model's layout
 
 
-def _get(tree: Mapping[str, Any], path: str) -> Any:
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = tree
-    for part in path.split("/"):
+    for part in path:
         if not isinstance(node, Mapping) or part not in node:
-            raise ValueError(f"params has no entry {path!r} (missing {part!r})")
+            raise ValueError(f"params has no entry {'/'.join(path)!r} (missing {part!r})")
         node = node[part]
     return node
 
 
-def param_layout(params: Mapping[str, Any]) -> tuple[Literal["scanned", "unscanned"], int]:
-    """Detects the layer layout of a Qwen params tree: ("scanned" | "unscanned", num_layers).
-
-    Raises:
-      ValueError: no decoder layers, both layouts present, non-contiguous layer indices, or a
-        ``{"params": ...}`` variables dict passed instead of its ``params`` collection.
-    """
+def _check_params_collection(params: Any) -> None:
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a mapping (the 'params' collection), got {type(params)}")
     if set(params.keys()) == {"params"}:
         raise ValueError("pass the 'params' collection (variables['params']), not the variables dict")
-    indices = sorted(int(m.group(1)) for key in params if (m := _LAYER_KEY.match(str(key))))
-    scanned = "layers" in params
-    if scanned and indices:
-        raise ValueError("params has both 'layers' (scanned) and 'layers_{i}' (unscanned) entries")
-    if scanned:
-        return "scanned", int(_get(params, f"layers/{MODULE_NAMES[0]}/kernel").shape[0])
-    if not indices:
-        raise ValueError("params has no decoder layers ('layers' or 'layers_{i}' entries)")
-    if indices != list(range(len(indices))):
-        raise ValueError(f"unscanned layer indices are not 0..L-1: {indices}")
-    return "unscanned", len(indices)
 
 
-def module_kernels(params: Mapping[str, Any], names: tuple[str, ...] = MODULE_NAMES) -> dict[str, Array]:
-    """The attention/MLP kernels of every layer, stacked: ``{name: [L, in, out]}``.
+def _layer_stacked(info: ParamInfo, leaf: Array) -> Array:
+    """A matrix leaf as ``[layers it holds, in, out]``."""
+    if info.stack_axes not in ((), ("layers",)):
+        raise ValueError(f"{info.name}: the monitor handles matrices stacked over layers only, "
+                         f"not over {info.stack_axes}")
+    expected_ndim = 2 + len(info.stack_axes)
+    if leaf.ndim != expected_ndim:
+        raise ValueError(f"{info.name} has shape {tuple(leaf.shape)}; the layout expects a "
+                         f"{expected_ndim}-D matrix{' stack' if info.stack_axes else ''}")
+    return leaf if info.stack_axes else leaf[None]
 
-    Scanned params are returned as they are (no copy); unscanned ones are stacked (a copy).
+
+def module_kernels(params: Mapping[str, Any], layout: ModelLayout,
+                   modules: tuple[str, ...] | None = None) -> dict[str, Array]:
+    """The matrices of each module over the layers that hold it, stacked: ``{module: [n, in, out]}``.
+
+    ``n = len(layout.module_layers(module))``; row j is layer ``layout.module_layers(module)[j]``.
+    Scanned leaves are returned as they are (no copy); unscanned ones are stacked (a copy).
+    ``modules`` defaults to every matrix module of the layout.
     """
-    layout, num_layers = param_layout(params)
+    _check_params_collection(params)
     out = {}
-    for name in names:
-        if layout == "scanned":
-            kernel = _get(params, f"layers/{name}/kernel")
-            if kernel.ndim != 3:
-                raise ValueError(f"layers/{name}/kernel must be [layers, in, out], got {kernel.shape}")
-            out[name] = kernel
-        else:
-            kernels = [_get(params, f"layers_{i}/{name}/kernel") for i in range(num_layers)]
-            for i, kernel in enumerate(kernels):
-                if kernel.ndim != 2 or kernel.shape != kernels[0].shape:
-                    raise ValueError(
-                        f"layers_{i}/{name}/kernel has shape {kernel.shape}; expected 2-D"
-                        f" {kernels[0].shape} like layers_0"
-                    )
-            out[name] = jnp.stack(kernels)
+    for module in layout.matrix_modules if modules is None else modules:
+        stacks = [_layer_stacked(info, _get(params, info.path)) for info in layout.matrices(module)]
+        for info, stack in zip(layout.matrices(module), stacks):
+            if stack.shape[1:] != stacks[0].shape[1:]:
+                raise ValueError(f"{info.name} has shape {tuple(stack.shape[1:])}; expected "
+                                 f"{tuple(stacks[0].shape[1:])} like the other layers of {module}")
+        out[module] = stacks[0] if len(stacks) == 1 else jnp.concatenate(stacks)
     return out
 
 
@@ -384,29 +356,39 @@ def _set(tree: Mapping[str, Any], path: tuple[str, ...], value: Any) -> dict[str
     return new
 
 
-def replace_module_kernels(params: Mapping[str, Any], kernels: Mapping[str, Array]) -> dict[str, Any]:
-    """A new params tree (plain dicts) with ``kernels[name]`` ``[L, in, out]`` put in place.
+def replace_module_kernels(params: Mapping[str, Any], layout: ModelLayout,
+                           kernels: Mapping[str, Array]) -> dict[str, Any]:
+    """A new params tree (plain dicts) with ``kernels[module]`` ``[n, in, out]`` put in place.
 
-    Only the given module names are replaced; everything else is shared with ``params``.
+    The inverse of :func:`module_kernels`; only the given modules are replaced, everything else
+    is shared with ``params``.
     """
-    layout, num_layers = param_layout(params)
     new: dict[str, Any] = dict(params)
-    for name, stacked in kernels.items():
-        if name not in MODULE_NAMES:
-            raise ValueError(f"unknown module {name!r}; expected one of {MODULE_NAMES}")
-        parts = tuple(name.split("/")) + ("kernel",)
-        if layout == "scanned":
-            old = _get(params, "/".join(("layers",) + parts))
-            if old.shape != stacked.shape:
-                raise ValueError(f"{name}: new kernels {stacked.shape} != existing {old.shape}")
-            new = _set(new, ("layers",) + parts, stacked)
-        else:
-            old = _get(params, "/".join(("layers_0",) + parts))
-            if stacked.shape != (num_layers,) + tuple(old.shape):
-                raise ValueError(f"{name}: new kernels {stacked.shape} != {(num_layers,) + old.shape}")
-            for i in range(num_layers):
-                new = _set(new, (f"layers_{i}",) + parts, stacked[i])
+    for module, stacked in kernels.items():
+        entries = layout.matrices(module)
+        expected = module_kernels(params, layout, (module,))[module].shape
+        if tuple(stacked.shape) != tuple(expected):
+            raise ValueError(f"{module}: new kernels {tuple(stacked.shape)} != existing {tuple(expected)}")
+        start = 0
+        for info in entries:
+            rows = stacked[start:start + len(info.layers)]
+            start += len(info.layers)
+            new = _set(new, info.path, rows if info.stack_axes else rows[0])
     return new
+
+
+def short_module_name(module: str) -> str:
+    """A plot label: the last component without ``_proj`` (``"self_attn/q_proj"`` -> ``"q"``)."""
+    return module.split("/")[-1].removesuffix("_proj")
+
+
+def module_groups(layout: ModelLayout) -> dict[str, tuple[str, ...]]:
+    """Module groups for summaries and the marginal-utility ablation: the layout's groups
+    (``"attention"``, ``"mlp"``) and every matrix module alone under its short name."""
+    groups = dict(layout.module_groups())
+    for module in layout.matrix_modules:
+        groups.setdefault(short_module_name(module), (module,))
+    return groups
 
 
 def map_layers(fn, xs: PyTree, layer_batch_size: int | Literal["all", "auto"] = "auto") -> PyTree:
@@ -443,6 +425,7 @@ def rank_k_reconstruct_params(
     k: int,
     key: Array,
     *,
+    layout: ModelLayout,
     alpha: float = 1.0,
     method: SVDMethod = "auto",
     oversample: int = 10,
@@ -463,16 +446,16 @@ def rank_k_reconstruct_params(
     if others_from not in ("base", "final"):
         raise ValueError(f"others_from must be 'base' or 'final', got {others_from!r}")
     check_same_architecture(params_0, params_t)
-    base = module_kernels(params_0)
-    final = module_kernels(params_t)
+    base = module_kernels(params_0, layout)
+    final = module_kernels(params_t, layout)
     new_kernels = {}
-    for index, name in enumerate(MODULE_NAMES):
+    for index, name in enumerate(layout.matrix_modules):
         keys = jax.random.split(jax.random.fold_in(key, index), base[name].shape[0])
         new_kernels[name] = _stacked_rank_k_update(
             base[name], final[name], keys, jnp.float32(alpha), k=k, method=method, oversample=oversample,
             power_iters=power_iters, layer_batch_size=layer_batch_size,
         )
-    return replace_module_kernels(params_0 if others_from == "base" else params_t, new_kernels)
+    return replace_module_kernels(params_0 if others_from == "base" else params_t, layout, new_kernels)
 
 
 def check_same_architecture(params_a: PyTree, params_b: PyTree, names: tuple[str, str] = ("a", "b")) -> None:
@@ -511,7 +494,7 @@ class MonitorConfig:
       layer_batch_size: "all" vmaps over all layers at once; an int ``lax.map``s over chunks of
         that many layers (less transient memory, more sequential steps); "auto" is 1 on the
         CPU backend (see the CPU note in the module docstring) and "all" elsewhere.
-      per_layer: emit the per-layer/per-module keys (7·L·~8 scalars) besides the summaries.
+      per_layer: emit the per-layer/per-module keys (~8 scalars per matrix) besides the summaries.
       every: the ``Monitor`` wrapper runs every this many steps (0 = never).
       prefix: first component of every metric key.
     """
@@ -636,22 +619,36 @@ def update_metrics(
     return out
 
 
-def allocation(update_norms: Mapping[str, Array]) -> dict[str, Array]:
-    """Module allocation: each module type's share of a layer's squared update norm.
+def allocation(update_norms: Mapping[str, Array],
+               module_layers: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Array]:
+    """Module allocation: each module's share of its layer's squared update norm.
 
-        share_m[ℓ] = ‖ΔW_{m,ℓ}‖_F² / Σ_{m'} ‖ΔW_{m',ℓ}‖_F²
+        share_m[ℓ] = ‖ΔW_{m,ℓ}‖_F² / Σ_{m' in layer ℓ} ‖ΔW_{m',ℓ}‖_F²
 
-    (sums to 1 over modules; 0 where the layer did not move). Squared norms make the shares
-    additive: grouping modules (e.g. all of attention) adds their shares.
+    (sums to 1 over the modules of a layer; 0 where the layer did not move). Squared norms make
+    the shares additive: grouping modules (e.g. all of attention) adds their shares.
 
     Args:
-      update_norms: ``{module: [L]}`` ‖ΔW‖_F.
+      update_norms: ``{module: [n_m]}`` ‖ΔW‖_F, row j of module m in layer
+        ``module_layers[m][j]``.
+      module_layers: the layers of each module's rows (``ModelLayout.module_layers``); None when
+        every module has one row per layer in the same order.
     Returns:
-      ``{module: [L]}`` shares.
+      ``{module: [n_m]}`` shares.
     """
-    total = sum(jnp.square(v) for v in update_norms.values())
-    safe = jnp.where(total > 0, total, 1.0)
-    return {name: jnp.where(total > 0, jnp.square(v) / safe, 0.0) for name, v in update_norms.items()}
+    if module_layers is None:
+        total = sum(jnp.square(v) for v in update_norms.values())
+        safe = jnp.where(total > 0, total, 1.0)
+        return {name: jnp.where(total > 0, jnp.square(v) / safe, 0.0) for name, v in update_norms.items()}
+    num_layers = 1 + max(max(layers) for layers in module_layers.values())
+    totals = jnp.zeros((num_layers,), jnp.float32)
+    for name, v in update_norms.items():
+        totals = totals.at[jnp.asarray(module_layers[name])].add(jnp.square(v).astype(jnp.float32))
+    shares = {}
+    for name, v in update_norms.items():
+        total = totals[jnp.asarray(module_layers[name])]
+        shares[name] = jnp.where(total > 0, jnp.square(v) / jnp.where(total > 0, total, 1.0), 0.0)
+    return shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,9 +659,10 @@ class MonitorState(NamedTuple):
     """Pytree state of the live monitor.
 
     Attributes:
-      w0: ``{module: [L, in, out]}`` copy of the base kernels (params dtype).
-      w0_norm: ``{module: [L]}`` ‖W_0‖_F, float32.
-      ref_u, ref_v: ``{module: [L, out, k]}`` / ``{module: [L, in, k]}`` top-k bases of the
+      w0: ``{module: [n, in, out]}`` copy of the base matrices (params dtype; see
+        :func:`module_kernels` for the rows).
+      w0_norm: ``{module: [n]}`` ‖W_0‖_F, float32.
+      ref_u, ref_v: ``{module: [n, out, k]}`` / ``{module: [n, in, k]}`` top-k bases of the
         previous logged update (HF orientation), or None before the first pass.
     """
 
@@ -674,12 +672,12 @@ class MonitorState(NamedTuple):
     ref_v: dict[str, Array] | None
 
 
-def init_monitor_state(params: Mapping[str, Any]) -> MonitorState:
-    """Snapshots W_0 (the attention/MLP kernels of ``params``) for the live monitor.
+def init_monitor_state(params: Mapping[str, Any], layout: ModelLayout) -> MonitorState:
+    """Snapshots W_0 (the layout's matrices of ``params``) for the live monitor.
 
     The kernels are copied, so donating ``params``' buffers to a train step later is safe.
     """
-    kernels = module_kernels(params)
+    kernels = module_kernels(params, layout)
     w0 = {name: jnp.copy(x) for name, x in kernels.items()}
     w0_norm = {
         name: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2))) for name, x in w0.items()
@@ -691,38 +689,41 @@ def _mean(x: Array) -> Array:
     return jnp.mean(x.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "layout"))
 def monitor_step(
-    state: MonitorState, params: Mapping[str, Any], key: Array, *, config: MonitorConfig
+    state: MonitorState, params: Mapping[str, Any], key: Array, *, config: MonitorConfig,
+    layout: ModelLayout,
 ) -> tuple[MonitorState, dict[str, Array]]:
-    """One live monitor pass over ``params`` (jitted; ``config`` static).
+    """One live monitor pass over ``params`` (jitted; ``config`` and ``layout`` static).
 
-    Computes ΔW = W_t − W_0 for the 7 attention/MLP matrices of every layer and returns
-    ``(new_state, metrics)``, the new state holding this pass's top-k bases as the reference
-    of the next pass. ``metrics`` maps flat keys to float32 scalars (``P`` = config.prefix):
+    Computes ΔW = W_t − W_0 for every matrix the layout lists (the attention and MLP matrices of
+    every layer) and returns ``(new_state, metrics)``, the new state holding this pass's top-k
+    bases as the reference of the next pass. ``metrics`` maps flat keys to float32 scalars
+    (``P`` = config.prefix):
 
     per layer/module (``config.per_layer``), e.g. ``P/layers_3/mlp/up_proj/<metric>`` with
       update_norm, rel_update, alloc (share of the layer's squared update norm),
       energy_top{k}, erank (full_spectrum) or erank_topk,
       overlap_left / overlap_right vs the previous pass (absent on the first pass);
-    per module type (mean over layers), ``P/mean/<module>/<metric>`` for the same metrics
+    per module (mean over its layers), ``P/mean/<module>/<metric>`` for the same metrics
       except alloc, plus ``P/alloc/<module>`` its share of the whole model's squared update;
     model-wide: ``P/total/update_norm``, ``P/total/rel_update`` (‖ΔW‖/‖W_0‖ over all monitored
       matrices), ``P/mean/<metric>`` (mean over all modules and layers).
 
     Cost: see the module docstring.
     """
-    kernels_t = module_kernels(params)
-    for name in MODULE_NAMES:
+    modules = layout.matrix_modules
+    kernels_t = module_kernels(params, layout)
+    for name in modules:
         if kernels_t[name].shape != state.w0[name].shape:
             raise ValueError(f"{name}: params kernels {kernels_t[name].shape} != W_0 {state.w0[name].shape}")
     # One Gaussian sketch Ω per pass, shared by every matrix (see truncated_svd: test_matrix).
     omega = None
     if not config.full_spectrum:
-        max_in = max(state.w0[name].shape[1] for name in MODULE_NAMES)
+        max_in = max(state.w0[name].shape[1] for name in modules)
         omega = jax.random.normal(key, (max_in, config.k + config.oversample), jnp.float32)
     new_u, new_v, per_module = {}, {}, {}
-    for name in MODULE_NAMES:
+    for name in modules:
         stats = update_metrics(
             kernels_t[name], state.w0[name], key, config=config, w0_norm=state.w0_norm[name],
             ref_u=None if state.ref_u is None else state.ref_u[name],
@@ -732,7 +733,8 @@ def monitor_step(
         new_u[name], new_v[name] = stats.pop("u"), stats.pop("v")
         stats.pop("spectrum")
         per_module[name] = stats
-    shares = allocation({name: s["update_norm"] for name, s in per_module.items()})
+    module_layers = {name: layout.module_layers(name) for name in modules}
+    shares = allocation({name: s["update_norm"] for name, s in per_module.items()}, module_layers)
     erank_key = "erank" if config.full_spectrum else "erank_topk"
     named = {
         "update_norm": "update_norm", "rel_update": "rel_update", "energy": f"energy_top{config.k}",
@@ -743,14 +745,13 @@ def monitor_step(
 
     p = config.prefix
     metrics: dict[str, Array] = {}
-    num_layers = next(iter(per_module.values()))["update_norm"].shape[0]
     for name, stats in per_module.items():
         if config.per_layer:
-            for layer in range(num_layers):
+            for row, layer in enumerate(module_layers[name]):
                 base = f"{p}/layers_{layer}/{name}"
                 for src, dst in named.items():
-                    metrics[f"{base}/{dst}"] = stats[src][layer].astype(jnp.float32)
-                metrics[f"{base}/alloc"] = shares[name][layer].astype(jnp.float32)
+                    metrics[f"{base}/{dst}"] = stats[src][row].astype(jnp.float32)
+                metrics[f"{base}/alloc"] = shares[name][row].astype(jnp.float32)
         for src, dst in named.items():
             metrics[f"{p}/mean/{name}/{dst}"] = _mean(stats[src])
     total_update2 = sum(jnp.sum(jnp.square(s["update_norm"])) for s in per_module.values())
@@ -764,14 +765,14 @@ def monitor_step(
     for src, dst in named.items():
         if src in ("update_norm",):
             continue
-        metrics[f"{p}/mean/{dst}"] = _mean(jnp.stack([per_module[n][src] for n in MODULE_NAMES]))
+        metrics[f"{p}/mean/{dst}"] = _mean(jnp.concatenate([per_module[n][src] for n in modules]))
     return state._replace(ref_u=new_u, ref_v=new_v), metrics
 
 
 class Monitor:
     """Stateful convenience wrapper the trainer calls every step (host side, not jitted).
 
-    ``monitor = Monitor(config, initial_params, seed=0)``; then each step
+    ``monitor = Monitor(config, initial_params, layout, seed=0)``; then each step
     ``metrics = monitor.maybe_run(step, params)`` returns a ``dict[str, float]`` every
     ``config.every`` steps (step % every == 0, step > 0) and None otherwise. The PRNG key of a
     pass is ``fold_in(PRNGKey(seed), step)``, so a resumed run reproduces the same sketches.
@@ -780,9 +781,11 @@ class Monitor:
     uninterrupted run's.
     """
 
-    def __init__(self, config: MonitorConfig, initial_params: Mapping[str, Any], *, seed: int = 0):
+    def __init__(self, config: MonitorConfig, initial_params: Mapping[str, Any], layout: ModelLayout,
+                 *, seed: int = 0):
         self.config = config
-        self.state = init_monitor_state(initial_params)
+        self.layout = layout
+        self.state = init_monitor_state(initial_params, layout)
         self._key = jax.random.PRNGKey(seed)
 
     def reference_bases(self) -> dict[str, dict[str, Array]] | None:
@@ -795,7 +798,8 @@ class Monitor:
     def abstract_reference_bases(self, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Shapes and dtypes of :meth:`reference_bases` after a pass over ``params`` (no compute)."""
         new_state = jax.eval_shape(
-            lambda s, p: monitor_step(s, p, self._key, config=self.config)[0], self.state, params
+            lambda s, p: monitor_step(s, p, self._key, config=self.config, layout=self.layout)[0],
+            self.state, params,
         )
         return {"u": new_state.ref_u, "v": new_state.ref_v}
 
@@ -809,7 +813,7 @@ class Monitor:
     def run(self, step: int, params: Mapping[str, Any]) -> dict[str, float]:
         """One pass now, whatever the step; returns host floats."""
         self.state, metrics = monitor_step(
-            self.state, params, jax.random.fold_in(self._key, step), config=self.config
+            self.state, params, jax.random.fold_in(self._key, step), config=self.config, layout=self.layout
         )
         return {name: float(value) for name, value in jax.device_get(metrics).items()}
 

@@ -45,8 +45,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from effopd_jax import models
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.models.qwen import KVCache, Qwen, QwenConfig, init_cache, lm_head_weight
+from effopd_jax.models import ModelConfig
 
 # Smallest prompt-length bucket: shorter prompts all share one compilation.
 MIN_PROMPT_BUCKET = 8
@@ -245,7 +246,7 @@ class _DecodeState(NamedTuple):
     tokens: jax.Array  # [batch, max_new_tokens] int32
     logprobs: jax.Array  # [batch, max_new_tokens] float32
     mask: jax.Array  # [batch, max_new_tokens] bool
-    cache: KVCache
+    cache: Any  # the model family's decoding cache (opaque here)
 
 
 def _record(state: _DecodeState, sampled: jax.Array, logprob: jax.Array, settings: SamplingSettings) -> _DecodeState:
@@ -271,18 +272,17 @@ def _sample_padded(
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
-    cache: KVCache,
+    cache: Any,
     *,
-    config: QwenConfig,
+    config: ModelConfig,
     settings: SamplingSettings,
     mesh: Mesh | None,
-) -> tuple[SampleOutput, KVCache]:
+) -> tuple[SampleOutput, Any]:
     """Traced body of :func:`generate_padded` (see there); also returns the final cache so the
     donated input cache buffer is aliased to an output and updated in place."""
     del mesh  # static only: it keys the compilation (see `_sample_padded_jit`)
     batch, prompt_len = prompt_ids.shape
     max_new = settings.max_new_tokens
-    model = Qwen(config)
 
     # A row with no real token is a dummy (batch padding): it starts stopped. It still gets one
     # visible key (its last slot) so no attention row is fully masked (softmax of all -inf).
@@ -299,8 +299,9 @@ def _sample_padded(
 
     # Prefill: hidden states rather than logits, so only one [batch, vocab] row per prompt is
     # ever projected (a [batch, prompt_len, vocab] logits tensor is large for real vocabularies).
-    hidden, cache = model.apply(
-        {"params": params},
+    hidden, cache = models.forward(
+        config,
+        params,
         prompt_ids,
         positions=positions,
         attention_mask=key_mask_after(0),
@@ -314,7 +315,7 @@ def _sample_padded(
     first_logits = jnp.einsum(
         "bh,hv->bv",
         last_hidden,
-        lm_head_weight(config, params).astype(config.dtype),
+        models.lm_head_weight(config, params).astype(config.dtype),
         preferred_element_type=jnp.float32,
     )
 
@@ -339,8 +340,9 @@ def _sample_padded(
     def decode_step(state: _DecodeState) -> _DecodeState:
         # Feed token `step - 1` (written at cache slot prompt_len + step - 1), sample token `step`.
         num_fed = state.step
-        logits, cache = model.apply(
-            {"params": params},
+        logits, cache = models.forward(
+            config,
+            params,
             state.last_token[:, None],
             positions=(prompt_lengths + num_fed - 1)[:, None],
             attention_mask=key_mask_after(num_fed),
@@ -363,7 +365,7 @@ _sample_padded_jit = jax.jit(
 
 @functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype", "out_shardings"))
 def _allocate_cache(*, config, batch, max_len, dtype, out_shardings):
-    cache = init_cache(config, batch, max_len, dtype=dtype)
+    cache = models.init_cache(config, batch, max_len, dtype=dtype)
     if out_shardings is not None:
         cache = jax.lax.with_sharding_constraint(cache, out_shardings)
     return cache
@@ -377,7 +379,7 @@ def batch_shards(mesh: Mesh | None) -> int:
 
 
 def generate_padded(
-    config: QwenConfig,
+    config: ModelConfig,
     params: Any,
     prompt_ids: jax.Array | np.ndarray,
     prompt_mask: jax.Array | np.ndarray,
@@ -449,7 +451,7 @@ def generate_padded(
     cache_shardings = None
     if mesh is not None:
         rng = jax.device_put(rng, NamedSharding(mesh, P()))
-        cache_shardings = sharding_lib.cache_shardings(mesh)
+        cache_shardings = sharding_lib.cache_shardings(config, mesh)
     cache = _allocate_cache(
         config=config,
         batch=batch,
@@ -516,7 +518,7 @@ def pad_prompts(
 
 
 def generate(
-    config: QwenConfig,
+    config: ModelConfig,
     params: Any,
     prompts: Sequence[Sequence[int]],
     *,
@@ -642,5 +644,5 @@ def _as_key(seed: int | jax.Array) -> jax.Array:
     )
 
 
-def _compute_dtype(config: QwenConfig) -> Any:
+def _compute_dtype(config: ModelConfig) -> Any:
     return getattr(config, "dtype", jnp.float32)

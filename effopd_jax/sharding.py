@@ -24,9 +24,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from effopd_jax.models.qwen import KVCache, QwenConfig, param_logical_axes
+from effopd_jax import models
+from effopd_jax.models import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -103,9 +106,9 @@ def logical_sharding(logical_axes: Sequence[str | None] | PartitionSpec, mesh: M
     return NamedSharding(mesh, spec)
 
 
-def param_shardings(config: QwenConfig, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Any:
-    """A pytree of `NamedSharding`s with the structure of the (unboxed) params of `config`."""
-    specs = param_logical_axes(config)
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Any:
+    """A pytree of `NamedSharding`s with the structure of the params of `config`."""
+    specs = models.param_logical_axes(config)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
@@ -115,8 +118,25 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = LOGICAL_RULE
     return logical_sharding(("act_batch",) + (None,) * (ndim - 1), mesh, rules)
 
 
-def cache_shardings(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> KVCache:
-    """A `KVCache` of shardings: k/v `[layers, batch, max_len, kv_heads, head_dim]` split over
-    batch and kv heads; the index replicated."""
-    kv = logical_sharding(("layers", "act_batch", "act_length", "act_kv_heads", None), mesh, rules)
-    return KVCache(k=kv, v=kv, index=NamedSharding(mesh, PartitionSpec()))
+def cache_shardings(config: ModelConfig, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> Any:
+    """The shardings of `models.init_cache(config, ...)`: a tree like the cache, each leaf laid
+    out by the logical axes its family declares (for Qwen's KV cache: k/v split over batch and
+    KV heads, the write index replicated)."""
+    axes = models.family_for(config).cache_logical_axes(config)
+    return jax.tree.map(lambda names: logical_sharding(names, mesh, rules), axes,
+                        is_leaf=lambda x: type(x) is tuple)  # NamedTuple caches are nodes
+
+
+def global_batch(mesh: Mesh, local_rows: np.ndarray) -> jax.Array:
+    """This process's rows of a batch -> one global array with the batch dimension split over
+    ('data', 'fsdp'). Every process passes the same number of rows; process p's rows come p-th."""
+    sharding = batch_sharding(mesh, local_rows.ndim)
+    global_shape = (local_rows.shape[0] * jax.process_count(),) + local_rows.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process sharded) array as a full numpy array on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

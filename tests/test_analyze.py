@@ -1,6 +1,7 @@
 """Tests of the offline foresight CLI (effopd_jax.analyze) on tiny HF / orbax checkpoints."""
 
 import csv
+import dataclasses
 import os
 
 import jax
@@ -8,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effopd_jax import analyze, convert, monitor
-from helpers_hf import make_tiny_hf_checkpoint
+from effopd_jax import analyze, convert, models, monitor
+from helpers_hf import make_tiny_hf_checkpoint, make_tiny_hf_config
 
-MODULES = monitor.MODULE_NAMES
+# The tiny Qwen3 of helpers_hf: its layout's matrices are q, k, v, o, gate, up, down per layer.
+LAYOUT = models.layout(models.config_from_hf(make_tiny_hf_config("qwen3", tie=False, num_kv_heads=2).to_dict()))
+MODULES = LAYOUT.matrix_modules
 K = 2
 
 
@@ -49,12 +52,14 @@ def series(tmp_path_factory):
     convert.save_orbax(config, params[2], orbax_dir)
     # A trainer step directory (WORKDIR/checkpoints/2/state): params stored scanned, next to an
     # optimizer state the analysis must not need.
-    from effopd_jax.checkpoint import RunCheckpointer
+    from effopd_jax.checkpoint import META_MODEL_CONFIG, RunCheckpointer
 
     scanned = {k: v for k, v in params[2].items() if not k.startswith("layers_")}
     scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[2][f"layers_{i}"] for i in range(2)])
     run = RunCheckpointer(str(root / "run" / "checkpoints"), async_save=False)
-    run.save(2, {"params": scanned, "opt_state": {"mu": scanned}, "step": jnp.int32(2)}, {}, {"step": 2})
+    scanned_config = dataclasses.replace(config, scan_layers=True)
+    run.save(2, {"trainable_params": scanned, "opt_state": {"mu": scanned}, "step": jnp.int32(2)}, {},
+             {"step": 2, META_MODEL_CONFIG: scanned_config.to_dict()})
     run.close()
     return dict(root=root, config=config, dirs=dirs, params=params, orbax_dir=orbax_dir,
                 run_dir=str(root / "run" / "checkpoints" / "2"))
@@ -234,24 +239,25 @@ def test_bad_inputs(series, tmp_path):
 def test_marginal_utility_with_known_score(series):
     """evaluate = Σ over kernels of ‖K − K_0‖_F² -> utility of a group = its Σ‖ΔW‖_F² exactly."""
     p0, pt = series["params"][0], series["params"][3]
-    base = monitor.module_kernels(p0)
+    base = monitor.module_kernels(p0, LAYOUT)
 
     def evaluate(params):
-        kernels = monitor.module_kernels(params)
+        kernels = monitor.module_kernels(params, LAYOUT)
         return float(sum(jnp.sum(jnp.square(kernels[m] - base[m])) for m in MODULES))
 
-    out = analyze.marginal_utility(p0, pt, evaluate, per_layer=True)
-    sq = {m: np.asarray(jnp.sum(jnp.square(monitor.module_kernels(pt)[m] - base[m]), axis=(1, 2))) for m in MODULES}
+    out = analyze.marginal_utility(p0, pt, evaluate, per_layer=True, layout=LAYOUT)
+    sq = {m: np.asarray(jnp.sum(jnp.square(monitor.module_kernels(pt, LAYOUT)[m] - base[m]), axis=(1, 2)))
+          for m in MODULES}
     assert out["score/base"] == 0.0
     np.testing.assert_allclose(out["score/full"], sum(v.sum() for v in sq.values()), rtol=1e-5)
-    np.testing.assert_allclose(out["utility/attn"], sum(sq[m].sum() for m in MODULES[:4]), rtol=1e-5)
+    np.testing.assert_allclose(out["utility/attention"], sum(sq[m].sum() for m in MODULES[:4]), rtol=1e-5)
     np.testing.assert_allclose(out["utility/mlp"], sum(sq[m].sum() for m in MODULES[4:]), rtol=1e-5)
     np.testing.assert_allclose(out["utility/gate"], sq["mlp/gate_proj"].sum(), rtol=1e-5)
     np.testing.assert_allclose(out["utility/layer_1"], sum(sq[m][1] for m in MODULES), rtol=1e-5)
     # Resetting a group leaves everything else at W_t.
-    reset = analyze.reset_modules(p0, pt, ["mlp/up_proj"], layers=[0])
+    reset = analyze.reset_modules(p0, pt, ["mlp/up_proj"], layers=[0], layout=LAYOUT)
     np.testing.assert_array_equal(np.asarray(reset["layers_0"]["mlp"]["up_proj"]["kernel"]), np.asarray(p0["layers_0"]["mlp"]["up_proj"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(reset["layers_1"]["mlp"]["up_proj"]["kernel"]), np.asarray(pt["layers_1"]["mlp"]["up_proj"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(reset["norm"]["scale"]), np.asarray(pt["norm"]["scale"]))
     with pytest.raises(ValueError, match="unknown modules"):
-        analyze.reset_modules(p0, pt, ["mlp/fc1"])
+        analyze.reset_modules(p0, pt, ["mlp/fc1"], layout=LAYOUT)

@@ -19,10 +19,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from effopd_jax import convert, sharding
-from effopd_jax.convert import (CheckpointError, MissingTensorError, TensorShapeError,
-                                UnexpectedTensorError, load_hf, save_hf)
-from effopd_jax.models.qwen import Qwen, UnsupportedConfigError
+from effopd_jax import convert, models, sharding
+from effopd_jax.models import (CheckpointError, MissingTensorError, TensorShapeError,
+                               UnexpectedTensorError, UnsupportedConfigError, load_hf, save_hf)
+from effopd_jax.models import hf as hf_io
 from helpers_hf import load_torch_model, make_tiny_hf_checkpoint, torch_logits
 
 # (model_type, tie, num_kv_heads, attention_bias): GQA ratio 2 and 1, tied and untied, biases on
@@ -50,7 +50,7 @@ def checkpoints(tmp_path_factory):
 
 @functools.partial(jax.jit, static_argnames="config")
 def forward(config, params, ids, attention_mask):
-    return Qwen(config).apply({"params": params}, ids, attention_mask=attention_mask)
+    return models.forward(config, params, ids, attention_mask=attention_mask)
 
 
 def assert_trees_equal(a, b):
@@ -101,7 +101,7 @@ def test_kernels_are_transposed_hf_weights(checkpoints):
 def test_index_sharded_and_bf16_checkpoints_load(checkpoints, tmp_path):
     _, reference = load_hf(checkpoints["qwen2_untied_gqa2"])
     sharded = make_tiny_hf_checkpoint(tmp_path, "qwen2", False, 2, max_shard_size="20KB")
-    assert (sharded / convert.SAFE_WEIGHTS_INDEX_NAME).exists()
+    assert (sharded / hf_io.SAFE_WEIGHTS_INDEX_NAME).exists()
     assert len(list(sharded.glob("*.safetensors"))) > 2
     _, params = load_hf(sharded)
     assert_trees_equal(params, reference)
@@ -109,12 +109,12 @@ def test_index_sharded_and_bf16_checkpoints_load(checkpoints, tmp_path):
     bf16 = make_tiny_hf_checkpoint(tmp_path, "qwen2", False, 2, dtype=torch.bfloat16)
     tensors = safetensors.torch.load_file(str(bf16 / "model.safetensors"))
     assert tensors["model.norm.weight"].dtype == torch.bfloat16
-    config, params = load_hf(bf16, dtype=jnp.bfloat16)
+    config, params = load_hf(bf16, param_dtype=jnp.bfloat16)
     assert config.param_dtype == jnp.bfloat16
     np.testing.assert_array_equal(
         np.asarray(params["layers_0"]["mlp"]["gate_proj"]["kernel"], np.float32),
         tensors["model.layers.0.mlp.gate_proj.weight"].float().numpy().T)
-    _, params32 = load_hf(bf16, dtype=jnp.float32)
+    _, params32 = load_hf(bf16, param_dtype=jnp.float32)
     np.testing.assert_array_equal(params32["embed_tokens"]["embedding"],
                                   tensors["model.embed_tokens.weight"].float().numpy())
 
@@ -122,7 +122,7 @@ def test_index_sharded_and_bf16_checkpoints_load(checkpoints, tmp_path):
 def test_load_into_mesh_shardings(checkpoints):
     path = checkpoints["qwen3_untied_gqa2_bias"]
     _, reference = load_hf(path, scan_layers=True)
-    config = convert.QwenConfig.from_hf(path, scan_layers=True)
+    config = models.config_from_hf(path, scan_layers=True)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = sharding.param_shardings(config, mesh)
     _, params = load_hf(path, shardings=shardings, scan_layers=True)
@@ -144,7 +144,7 @@ def test_save_hf_round_trip_through_transformers(checkpoints, tmp_path, variant,
     config, params = load_hf(source, scan_layers=scan_layers)
     out = tmp_path / "saved"
     save_hf(config, params, out, max_shard_bytes=max_shard_bytes)
-    sharded = (out / convert.SAFE_WEIGHTS_INDEX_NAME).exists()
+    sharded = (out / hf_io.SAFE_WEIGHTS_INDEX_NAME).exists()
     assert sharded == (max_shard_bytes < 100_000)
     model = load_torch_model(out)  # transformers reads our config.json and safetensors
     assert type(model).__name__ == type(load_torch_model(source)).__name__
@@ -365,7 +365,7 @@ def test_cli_hf_to_orbax_and_back(checkpoints, tmp_path):
     _, reference = load_hf(source, scan_layers=True)
     assert_trees_equal(params, reference)
     assert convert.main(["orbax-to-hf", str(orbax_dir), str(hf_dir), "--dtype", "bfloat16"]) == 0
-    _, params_bf16 = load_hf(hf_dir, dtype=jnp.bfloat16, scan_layers=True)
+    _, params_bf16 = load_hf(hf_dir, param_dtype=jnp.bfloat16, scan_layers=True)
     assert_trees_equal(params_bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), reference))
 
 

@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataclasses
+
+from effopd_jax import models
 from effopd_jax import monitor as mon
+from effopd_jax.models.qwen import QwenConfig
 
 RNG = np.random.default_rng(0)
 
@@ -192,23 +196,19 @@ SHAPES = {
 }
 
 
-def _layer(rng, scale=1.0):
-    layer = {"input_layernorm": {"scale": rng.standard_normal(HIDDEN)},
-             "post_attention_layernorm": {"scale": rng.standard_normal(HIDDEN)},
-             "self_attn": {}, "mlp": {}}
-    for name, shape in SHAPES.items():
-        group, proj = name.split("/")
-        layer[group][proj] = {"kernel": scale * rng.standard_normal(shape)}
-    layer["self_attn"]["q_proj"]["bias"] = rng.standard_normal(Q_DIM)
-    return layer
+# A Qwen2-style config with exactly these matrix shapes (q/k/v biases, tied embeddings).
+CONFIG = QwenConfig(vocab_size=50, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                    qkv_bias=True, o_proj_bias=False, qk_norm=False, model_type="qwen2")
+LAYOUT = models.layout(CONFIG)
+SCANNED_LAYOUT = models.layout(dataclasses.replace(CONFIG, scan_layers=True))
 
 
 def _params(seed=0):
+    """Every leaf of CONFIG's (unscanned) params tree drawn from N(0, 1)."""
     rng = np.random.default_rng(seed)
-    params = {f"layers_{i}": _layer(rng) for i in range(LAYERS)}
-    params["embed_tokens"] = {"embedding": rng.standard_normal((50, HIDDEN))}
-    params["norm"] = {"scale": rng.standard_normal(HIDDEN)}
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32),
+                        models.abstract_params(CONFIG))
 
 
 def _perturb(params, seed, scale=0.1):
@@ -257,11 +257,12 @@ def test_monitor_step_matches_numpy(scanned):
     p0 = _params()
     p1, p2 = _perturb(p0, 1), _perturb(_perturb(p0, 1), 2, scale=0.05)
     conv = _scan if scanned else (lambda x: x)
+    layout = SCANNED_LAYOUT if scanned else LAYOUT
     config = mon.MonitorConfig(k=k, full_spectrum=True)
-    state = mon.init_monitor_state(conv(p0))
-    state, first = mon.monitor_step(state, conv(p1), jax.random.PRNGKey(0), config=config)
+    state = mon.init_monitor_state(conv(p0), layout)
+    state, first = mon.monitor_step(state, conv(p1), jax.random.PRNGKey(0), config=config, layout=layout)
     assert not any("overlap" in key for key in first)
-    state, second = mon.monitor_step(state, conv(p2), jax.random.PRNGKey(1), config=config)
+    state, second = mon.monitor_step(state, conv(p2), jax.random.PRNGKey(1), config=config, layout=layout)
     ref1, ref2 = _np_reference(p0, p1, k), _np_reference(p0, p2, k)
     for name in SHAPES:
         for i in range(LAYERS):
@@ -295,8 +296,8 @@ def test_orientation_left_is_output_space():
     b = RNG.standard_normal(INTER)
     pt = jax.tree.map(lambda x: x, p0)
     pt["layers_1"]["mlp"]["up_proj"]["kernel"] = p0["layers_1"]["mlp"]["up_proj"]["kernel"] + jnp.outer(a, b)
-    state = mon.init_monitor_state(p0)
-    state, _ = mon.monitor_step(state, pt, jax.random.PRNGKey(0), config=mon.MonitorConfig(k=1))
+    state = mon.init_monitor_state(p0, LAYOUT)
+    state, _ = mon.monitor_step(state, pt, jax.random.PRNGKey(0), config=mon.MonitorConfig(k=1), layout=LAYOUT)
     u = np.asarray(state.ref_u["mlp/up_proj"][1, :, 0])
     v = np.asarray(state.ref_v["mlp/up_proj"][1, :, 0])
     assert u.shape == (INTER,) and v.shape == (HIDDEN,)
@@ -306,11 +307,11 @@ def test_orientation_left_is_output_space():
 
 def test_randomized_topk_monitor_and_layer_chunks_agree_with_vmap():
     p0, pt = _params(), _perturb(_params(), 3)
-    state = mon.init_monitor_state(p0)
+    state = mon.init_monitor_state(p0, LAYOUT)
     outs = []
     for chunk in ("all", 2):
         config = mon.MonitorConfig(k=2, svd_method="randomized", layer_batch_size=chunk)
-        _, metrics = mon.monitor_step(state, pt, jax.random.PRNGKey(0), config=config)
+        _, metrics = mon.monitor_step(state, pt, jax.random.PRNGKey(0), config=config, layout=LAYOUT)
         outs.append(metrics)
     ref = _np_reference(p0, pt, 2)
     for name in SHAPES:
@@ -324,7 +325,7 @@ def test_randomized_topk_monitor_and_layer_chunks_agree_with_vmap():
 
 def test_monitor_wrapper_every_n_steps_and_overlap_one_for_same_update():
     p0, pt = _params(), _perturb(_params(), 4)
-    m = mon.Monitor(mon.MonitorConfig(k=2, every=2, per_layer=False), p0)
+    m = mon.Monitor(mon.MonitorConfig(k=2, every=2, per_layer=False), p0, LAYOUT)
     assert m.maybe_run(1, pt) is None
     first = m.maybe_run(2, pt)
     assert isinstance(first["monitor/total/rel_update"], float)
@@ -338,15 +339,17 @@ def test_monitor_wrapper_every_n_steps_and_overlap_one_for_same_update():
 def test_monitor_bad_inputs():
     p0 = _params()
     with pytest.raises(ValueError, match="MonitorConfig.k"):
-        mon.monitor_step(mon.init_monitor_state(p0), p0, jax.random.PRNGKey(0), config=mon.MonitorConfig(k=HIDDEN + 1))
+        mon.monitor_step(mon.init_monitor_state(p0, LAYOUT), p0, jax.random.PRNGKey(0),
+                         config=mon.MonitorConfig(k=HIDDEN + 1), layout=LAYOUT)
     with pytest.raises(ValueError, match="variables"):
-        mon.init_monitor_state({"params": p0})
+        mon.init_monitor_state({"params": p0}, LAYOUT)
     other = _params()
     other["layers_0"]["mlp"]["up_proj"]["kernel"] = jnp.zeros((HIDDEN, INTER + 1))
     with pytest.raises(ValueError, match="different architectures"):
         mon.check_same_architecture(p0, other)
     with pytest.raises(ValueError):
-        mon.monitor_step(mon.init_monitor_state(p0), other, jax.random.PRNGKey(0), config=mon.MonitorConfig(k=2))
+        mon.monitor_step(mon.init_monitor_state(p0, LAYOUT), other, jax.random.PRNGKey(0),
+                         config=mon.MonitorConfig(k=2), layout=LAYOUT)
     with pytest.raises(ValueError, match="k"):
         mon.MonitorConfig(k=0)
 
@@ -355,8 +358,10 @@ def test_monitor_bad_inputs():
 def test_rank_k_reconstruct_params(scanned):
     p0, pt = _params(), _perturb(_params(), 5)
     conv = _scan if scanned else (lambda x: x)
-    out = mon.rank_k_reconstruct_params(conv(p0), conv(pt), 1, jax.random.PRNGKey(0), alpha=1.0, method="exact")
-    new, base, final = mon.module_kernels(out), mon.module_kernels(conv(p0)), mon.module_kernels(conv(pt))
+    layout = SCANNED_LAYOUT if scanned else LAYOUT
+    out = mon.rank_k_reconstruct_params(conv(p0), conv(pt), 1, jax.random.PRNGKey(0), layout=layout,
+                                        alpha=1.0, method="exact")
+    new, base, final = (mon.module_kernels(x, layout) for x in (out, conv(p0), conv(pt)))
     for name in SHAPES:
         for i in range(LAYERS):
             d = np.asarray(final[name][i] - base[name][i], np.float64)

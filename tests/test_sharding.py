@@ -60,7 +60,7 @@ def test_param_batch_and_cache_shardings():
     assert shardings["layers"]["self_attn"]["k_proj"]["bias"].spec == PartitionSpec(None, "tensor")
     assert shardings["norm"]["scale"].spec == PartitionSpec(None)
     assert sharding.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
-    cache = sharding.cache_shardings(mesh)
+    cache = sharding.cache_shardings(config, mesh)
     assert cache.k.spec == PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
     assert cache.index.spec == PartitionSpec()
 
@@ -115,7 +115,7 @@ def test_sharded_kv_cache_decode_equals_single_device():
 
     want, _ = jax.jit(run)(params, init_cache(config, batch_size, total, jnp.float32))
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    cache_shardings = sharding.cache_shardings(mesh)
+    cache_shardings = sharding.cache_shardings(config, mesh)
     with sharding.sharding_context(mesh):
         cache = jax.device_put(init_cache(config, batch_size, total, jnp.float32), cache_shardings)
         got, new_cache = jax.jit(run, out_shardings=(None, cache_shardings))(

@@ -1,0 +1,128 @@
+"""Models: one family-agnostic API over every registered model family.
+
+    from effopd_jax import models
+
+    config, params = models.load_hf("/ckpt/Qwen3-1.7B", param_dtype="float32",
+                                    compute_dtype="bfloat16")
+    logits = models.forward(config, params, input_ids, attention_mask=mask)  # [batch, seq, vocab]
+    models.save_hf(config, params, "/out/student")
+
+A *family* (Qwen2/2.5/3 today: `effopd_jax/models/qwen.py`) registers itself under the HF
+`model_type`s it reads; every function here dispatches on `config.model_type`, so callers never
+import a family module. An unsupported `model_type` is refused with the list of supported ones.
+The parameter layout (`layout(config)`) tells conversion, EffOPD's default filter, the
+foresight monitor and the analysis what each parameter leaf is.
+
+Public API
+  load_hf, save_hf, load_params, config_from_hf      HF safetensors checkpoints <-> params
+  forward                                            logits (or hidden states), optional cache
+  init_params, abstract_params, param_logical_axes   params without a checkpoint; their axes
+  init_cache, lm_head_weight, layout                 decoding cache, output head, layout
+  family_for, register_family, supported_model_types the registry
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Importing a family module registers it.
+from effopd_jax.models import qwen as _qwen  # noqa: F401
+from effopd_jax.models.family import (
+    ModelConfig,
+    ModelFamily,
+    ModelLayout,
+    ParamInfo,
+    UnsupportedConfigError,
+    family_for,
+    read_hf_config,
+    register_family,
+    supported_model_types,
+)
+from effopd_jax.models.hf import (
+    CheckpointError,
+    MissingTensorError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    config_from_hf,
+    load_hf,
+    load_params,
+    save_hf,
+)
+
+PyTree = Any
+
+__all__ = [
+    "CheckpointError", "MissingTensorError", "ModelConfig", "ModelFamily", "ModelLayout",
+    "ParamInfo", "TensorShapeError", "UnexpectedTensorError", "UnsupportedConfigError",
+    "abstract_params", "config_from_hf", "family_for", "forward", "init_cache", "init_params",
+    "layout", "lm_head_weight", "load_hf", "load_params", "param_logical_axes", "read_hf_config",
+    "register_family", "save_hf", "supported_model_types",
+]
+
+
+def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
+            positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+            cache: PyTree | None = None, return_hidden_states: bool = False) -> Any:
+    """The causal LM forward of `config`'s family; pure and jit-able (`config` static).
+
+    Args:
+      config: the model config (hashable; a static argument under `jax.jit`).
+      params: the params pytree.
+      input_ids: `[batch, seq]` int token ids.
+      positions: `[batch, seq]` int positions. Default: `cumsum(attention_mask) - 1` clipped at
+        0 (correct for left padding), or `arange(seq)` (after the cache's filled slots) without
+        a mask.
+      attention_mask: without a cache `[batch, seq]` (1/True = real token); with a cache
+        `[batch, max_len]`, the valid cache slots including the `seq` written by this call.
+        Attention is causal and never attends to masked keys.
+      cache: a cache from `init_cache` (opaque): the call appends this call's tokens to it.
+      return_hidden_states: return the final-normed hidden states `[batch, seq, hidden]`
+        (compute dtype) instead of logits, so a loss can chunk the vocabulary projection.
+
+    Returns:
+      logits `[batch, seq, vocab]` float32 (or the hidden states); with a cache, the pair
+      `(logits_or_hidden, new_cache)`.
+    """
+    return family_for(config).apply(config, params, input_ids, positions=positions,
+                                    attention_mask=attention_mask, cache=cache,
+                                    return_hidden_states=return_hidden_states)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, shardings: Any = None) -> PyTree:
+    """Randomly initialised params (plain arrays), created directly in `shardings` (a pytree of
+    shardings like `sharding.param_shardings(config, mesh)`, or None) by a jitted init."""
+    family = family_for(config)
+    return jax.jit(lambda key: family.init_params(config, key), out_shardings=shardings)(rng)
+
+
+def abstract_params(config: ModelConfig) -> PyTree:
+    """`jax.ShapeDtypeStruct` leaves of the params tree, without allocating anything."""
+    family = family_for(config)
+    return jax.eval_shape(lambda key: family.init_params(config, key), jax.random.key(0))
+
+
+def param_logical_axes(config: ModelConfig) -> PyTree:
+    """A pytree like the params of `PartitionSpec`s of logical axis names."""
+    return family_for(config).param_logical_axes(config)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> PyTree:
+    """An empty decoding cache for `batch` rows and `max_len` positions (prompt + new tokens)."""
+    return family_for(config).init_cache(config, batch, max_len, dtype)
+
+
+def lm_head_weight(config: ModelConfig, params: PyTree) -> jax.Array:
+    """The output projection `[hidden, vocab]` in the param dtype (the tied embedding's
+    transpose when the family ties them): `hidden @ lm_head_weight` gives the logits."""
+    return family_for(config).lm_head_weight(config, params)
+
+
+@functools.lru_cache(maxsize=64)
+def layout(config: ModelConfig) -> ModelLayout:
+    """The parameter layout of `config` (see `effopd_jax.models.family.ModelLayout`); cached,
+    since configs are hashable and layouts immutable."""
+    return family_for(config).layout(config)

@@ -25,7 +25,6 @@ constraints are no-ops.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -35,22 +34,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effopd_jax.models.family import (
+    BIAS, EMBEDDING, LM_HEAD, MATRIX, NORM, ModelFamily, ModelLayout, ParamInfo,
+    UnsupportedConfigError, read_hf_config, register_family,
+)
+from effopd_jax.models.layers import (
+    REMAT_POLICIES, REMAT_POLICY_FNS, Embed, Linear, LMHead, RMSNorm, apply_rope, attention,
+    constrain, rope_cos_sin,
+)
+
 Array = jax.Array
 DType = Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# The HF model types this family reads.
+QWEN_MODEL_TYPES = ("qwen2", "qwen3")
+# The 2-D matrices of a decoder layer, in reading order (the authors' svd.py analyses these).
+QWEN_MATRIX_MODULES = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+                       "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 # Fields of a HF config.json that announce a mixture-of-experts model.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok")
-
-
-class UnsupportedConfigError(ValueError):
-    """A Hugging Face config asks for a feature this implementation does not have.
-
-    Raised for unknown `model_type`s (including the MoE variants), `use_sliding_window: true`,
-    `rope_scaling` / `rope_parameters` types other than the default, non-SiLU activations and
-    MoE fields. The message names the offending field.
-    """
 
 
 def _canonical_dtype(value: DType, field: str) -> jnp.dtype:
@@ -121,10 +123,10 @@ class QwenConfig:
                 f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"QwenConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in QWEN_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"QwenConfig.model_type {self.model_type!r} is not supported "
-                f"(supported: {SUPPORTED_MODEL_TYPES})")
+                f"(supported: {QWEN_MODEL_TYPES})")
 
     # ----------------------------------------------------------------------------------------
     # Hugging Face config.json <-> QwenConfig
@@ -142,13 +144,13 @@ class QwenConfig:
             `rope_scaling` / `rope_parameters.rope_type` other than default, `hidden_act` not silu.
           ValueError: a required field is missing, or config.json is not a JSON object.
         """
-        hf = _read_hf_config(path_or_dict)
+        hf = read_hf_config(path_or_dict)
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in QWEN_MODEL_TYPES:
             hint = " (mixture-of-experts models are not implemented)" if "moe" in str(model_type) else ""
             raise UnsupportedConfigError(
                 f"config field model_type={model_type!r} is not supported{hint}; "
-                f"supported: {SUPPORTED_MODEL_TYPES}")
+                f"supported: {QWEN_MODEL_TYPES}")
         for field in _MOE_FIELDS:
             if hf.get(field):
                 raise UnsupportedConfigError(
@@ -294,24 +296,6 @@ class QwenConfig:
         return cls(**{**fields, **overrides})
 
 
-def _read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(path_or_dict, Mapping):
-        return dict(path_or_dict)
-    path = os.fspath(path_or_dict)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no HF config.json at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON config ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path}: a HF config must be a JSON object, got {type(hf).__name__}")
-    return hf
-
-
 def _rope_theta(hf: Mapping[str, Any]) -> float:
     """RoPE base from either `rope_parameters` (transformers>=5) or `rope_theta`/`rope_scaling`."""
     rope_parameters = hf.get("rope_parameters")
@@ -359,94 +343,6 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype: DType = jnp.
 # ============================================================================================
 # Layers
 # ============================================================================================
-def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
-    return nn.with_logical_constraint(x, names)
-
-
-class Linear(nn.Module):
-    """y = x @ kernel (+ bias); kernel `[in, out]`, computed in `dtype`."""
-
-    features: int
-    kernel_axes: tuple[str, str]
-    use_bias: bool
-    dtype: DType
-    param_dtype: DType
-    init_std: float
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
-            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
-                (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
-
-
-class RMSNorm(nn.Module):
-    """scale * x / sqrt(mean(x^2, -1) + eps), statistics in float32 (as HF), result in `dtype`."""
-
-    eps: float
-    dtype: DType
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
-
-
-def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos, sin tables `[batch, seq, head_dim]` (float32) for integer `positions [batch, seq]`.
-
-    inv_freq_j = theta^(-2j / head_dim), j < head_dim/2; angle = position * inv_freq, duplicated
-    over both halves (HF's `cat((freqs, freqs))` layout).
-    """
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates `x [batch, seq, heads, head_dim]` with HF's rotate_half convention:
-    x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]; computed in float32."""
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
-
-
-def attention(q: Array, k: Array, v: Array, mask: Array, dtype: DType) -> Array:
-    """Grouped-query softmax attention.
-
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-    mask: [batch, q_len, kv_len] bool (True = may attend). Query head h reads kv head
-    h // (heads / kv_heads) (HF's repeat_kv). Scores and softmax in float32; fully masked rows
-    give a uniform (finite) distribution, never NaN. Returns [batch, q_len, heads, head_dim].
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim)
-
-
 class Attention(nn.Module):
     """Self-attention: q/k/v projections (+ bias if `qkv_bias`), Qwen3 per-head q/k RMSNorm,
     RoPE, GQA softmax attention, o_proj (+ bias if `o_proj_bias`: only a Qwen3 checkpoint with
@@ -473,9 +369,9 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
-        k = _constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
-        v = _constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
         new_cache = None
         if layer_cache is not None:
@@ -487,7 +383,7 @@ class Attention(nn.Module):
             k, v = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
 
         out = attention(q, k, v, mask, cfg.dtype)
-        out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out = out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), cfg.o_proj_bias, "o_proj")(out)
         return out, new_cache
@@ -505,7 +401,7 @@ class MLP(nn.Module):
             features, axes, False, cfg.dtype, cfg.param_dtype, cfg.initializer_range, name=name)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        h = _constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
 
 
@@ -521,17 +417,10 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn_out, layer_cache = Attention(cfg, name="self_attn")(
             norm("input_layernorm")(hidden), cos, sin, mask, layer_cache, cache_index)
-        hidden = _constrain(hidden + attn_out, ("act_batch", "act_length", "act_embed"))
+        hidden = constrain(hidden + attn_out, ("act_batch", "act_length", "act_embed"))
         hidden = hidden + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(hidden))
-        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
         return hidden, layer_cache
-
-
-_REMAT_POLICY_FNS = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class Qwen(nn.Module):
@@ -601,13 +490,14 @@ class Qwen(nn.Module):
                 positions = jnp.maximum(running, 0)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        embedding = _Embed(cfg, name="embed_tokens")()
+        embedding = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, cfg.param_dtype,
+                          name="embed_tokens")()
         hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
-            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICY_FNS[cfg.remat],
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICY_FNS[cfg.remat],
                                  prevent_cse=not cfg.scan_layers)
         cache_index = None if cache is None else cache.index
         if cfg.scan_layers:
@@ -634,49 +524,21 @@ class Qwen(nn.Module):
             layer_caches = None if cache is None else (new_k, new_v)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
-        hidden = _constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
         # The head is declared even when only hidden states are returned, so `init` always
         # creates the full parameter tree.
-        head = embedding.T if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
+        head = (embedding.T if cfg.tie_word_embeddings else
+                LMHead(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, cfg.param_dtype,
+                       name="lm_head")())
         if return_hidden_states:
             out = hidden
         else:
             out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype),
                              preferred_element_type=jnp.float32)
-            out = _constrain(out, ("act_batch", "act_length", "act_vocab"))
+            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out
         return out, KVCache(k=layer_caches[0], v=layer_caches[1], index=cache.index + seq)
-
-
-class _Embed(nn.Module):
-    """Holds `embedding [vocab, hidden]`; returns the table (lookup and tying happen in Qwen)."""
-
-    config: QwenConfig
-
-    @nn.compact
-    def __call__(self) -> Array:
-        cfg = self.config
-        return self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                         ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
-
-
-class _LMHead(nn.Module):
-    """Holds `kernel [hidden, vocab]` (untied embeddings only)."""
-
-    config: QwenConfig
-
-    @nn.compact
-    def __call__(self) -> Array:
-        cfg = self.config
-        return self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                         ("embed", "vocab")),
-            (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
 
 # ============================================================================================
@@ -723,3 +585,89 @@ def init_params(config: QwenConfig, rng: Array, shardings: Any = None) -> Any:
         return nn.unbox(_init_variables(config, key))["params"]
 
     return jax.jit(init, out_shardings=shardings)(rng)
+
+
+# ============================================================================================
+# The family: registry entry, HF tensor names, layout
+# ============================================================================================
+def _hf_layer_tensor_name(path: tuple[str, ...], layer: int) -> str:
+    """The HF name of layer `layer`'s slice of the layer leaf at `path`
+    (`layers_{i}/self_attn/q_proj/kernel` -> `model.layers.{i}.self_attn.q_proj.weight`)."""
+    suffix = "bias" if path[-1] == "bias" else "weight"
+    return f"model.layers.{layer}.{'.'.join(path[1:-1])}.{suffix}"
+
+
+def _param_info(config: QwenConfig, path: tuple[str, ...]) -> ParamInfo:
+    head, leaf = path[0], path[-1]
+    if head == "embed_tokens":
+        return ParamInfo(path, EMBEDDING, "embed_tokens", "embedding", (), (),
+                         ("model.embed_tokens.weight",), False, extrapolate=False)
+    if head == "lm_head":
+        return ParamInfo(path, LM_HEAD, "lm_head", "head", (), (), ("lm_head.weight",), True,
+                         extrapolate=False)
+    if head == "norm":
+        return ParamInfo(path, NORM, "norm", "norm", (), (), ("model.norm.weight",), False,
+                         extrapolate=False)
+    if head == "layers":
+        layers = tuple(range(config.num_hidden_layers))
+        stack_axes: tuple[str, ...] = ("layers",)
+    elif head.startswith("layers_"):
+        layers = (int(head.removeprefix("layers_")),)
+        stack_axes = ()
+    else:
+        raise ValueError(f"no layout entry for the Qwen parameter {'/'.join(path)}")
+    module = "/".join(path[1:-1])
+    role = {"kernel": MATRIX, "bias": BIAS, "scale": NORM}[leaf]
+    group = module.split("/")[0]
+    group = {"self_attn": "attention", "mlp": "mlp"}.get(group, "norm")
+    names = tuple(_hf_layer_tensor_name(path, layer) for layer in layers)
+    # The authors' filter is a substring match on the torch name (attn, attention, mlp and the
+    # projection names), so besides every attention / MLP leaf it also catches
+    # `post_attention_layernorm` (it contains "attention"), but not `input_layernorm`.
+    extrapolate = group in ("attention", "mlp") or module == "post_attention_layernorm"
+    return ParamInfo(path, role, module, group, layers, stack_axes, names,
+                     transpose=leaf == "kernel", extrapolate=extrapolate)
+
+
+class QwenFamily(ModelFamily):
+    """Qwen2 / Qwen2.5 / Qwen3 dense decoders (HF `model_type` `qwen2`, `qwen3`)."""
+
+    name = "qwen"
+    model_types = QWEN_MODEL_TYPES
+
+    def config_from_hf(self, hf: Mapping[str, Any], **runtime: Any) -> QwenConfig:
+        return QwenConfig.from_hf(hf, **runtime)
+
+    def config_from_dict(self, fields: Mapping[str, Any], **overrides: Any) -> QwenConfig:
+        return QwenConfig.from_dict(fields, **overrides)
+
+    def apply(self, config: QwenConfig, params: Any, input_ids: Array, *,
+              positions: Array | None = None, attention_mask: Array | None = None,
+              cache: KVCache | None = None, return_hidden_states: bool = False) -> Any:
+        return Qwen(config).apply({"params": params}, input_ids, positions=positions,
+                                  attention_mask=attention_mask,
+                                  return_hidden_states=return_hidden_states, cache=cache)
+
+    def init_params(self, config: QwenConfig, rng: Array) -> Any:
+        return nn.unbox(_init_variables(config, rng))["params"]
+
+    def param_logical_axes(self, config: QwenConfig) -> Any:
+        return param_logical_axes(config)
+
+    def lm_head_weight(self, config: QwenConfig, params: Mapping[str, Any]) -> Array:
+        return lm_head_weight(config, params)
+
+    def init_cache(self, config: QwenConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
+        return init_cache(config, batch, max_len, dtype)
+
+    def cache_logical_axes(self, config: QwenConfig) -> KVCache:
+        kv = ("layers", "act_batch", "act_length", "act_kv_heads", None)
+        return KVCache(k=kv, v=kv, index=())
+
+    def layout(self, config: QwenConfig) -> ModelLayout:
+        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
+        return ModelLayout(tuple(_param_info(config, tuple(k.key for k in key_path))
+                                 for key_path, _ in flat), module_order=QWEN_MATRIX_MODULES)
+
+
+QWEN = register_family(QwenFamily())

@@ -1,7 +1,7 @@
 """Tiny random Qwen3 checkpoints for smoke runs on CPU (smoke configs, tests, benchmarks).
 
 They are real Hugging Face checkpoints (``config.json`` + safetensors, plus the tokenizer files
-of a given tokenizer directory), written by ``convert.save_hf`` from our own initialisation,
+of a given tokenizer directory), written by ``models.save_hf`` from our own initialisation,
 deterministic for a seed, and cached: a directory that already holds the same architecture and
 seed is reused.
 """
@@ -14,8 +14,8 @@ import shutil
 
 import jax
 
-from effopd_jax import convert
-from effopd_jax.models.qwen import QwenConfig, init_params
+from effopd_jax import models
+from effopd_jax.models.qwen import QwenConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _MARKER = "effopd_tiny.json"
@@ -62,8 +62,8 @@ def write_random_checkpoint(path: str, config: QwenConfig, *, seed: int,
             if json.load(f) == json.loads(json.dumps(marker)):
                 return path
     os.makedirs(path, exist_ok=True)
-    params = jax.device_get(init_params(config, jax.random.key(seed)))
-    convert.save_hf(config, params, path)
+    params = jax.device_get(models.init_params(config, jax.random.key(seed)))
+    models.save_hf(config, params, path)
     if tokenizer_dir is not None:
         for name in _TOKENIZER_FILES:
             shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))

@@ -11,7 +11,7 @@ the model learns to stop):
 with ``m[b,t] = 1`` iff token ``t+1`` of row ``b`` is a response token. AdamW with a linear
 warm-up then cosine decay (or a constant rate), global-norm clipping, one jitted step. Greedy
 test accuracy comes from :func:`effopd_jax.sampling.generate` and the task's exact-match checker.
-The result is an HF checkpoint (``convert.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
+The result is an HF checkpoint (``models.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
 checkpoint. Everything is a function of the arguments and the seed (init, data order).
 """
 
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from effopd_jax import convert, data, grading, sampling
+from effopd_jax import data, grading, models, sampling
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.models.qwen import Qwen, QwenConfig, init_params
+from effopd_jax.models.qwen import QwenConfig
 from effopd_jax.testing import tiny_qwen3_config
 
 PyTree = Any
@@ -125,7 +125,7 @@ def sft_loss(
     params: PyTree, config: QwenConfig, input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array
 ) -> jax.Array:
     """Masked mean next-token cross-entropy (module docstring). Inputs ``[batch, seq]``; scalar out."""
-    logits = Qwen(config).apply({"params": params}, input_ids, attention_mask=attention_mask)  # [b, s, v]
+    logits = models.forward(config, params, input_ids, attention_mask=attention_mask)  # [b, s, v]
     token_nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
     mask = loss_mask[:, :-1]
     return jnp.sum(token_nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -219,7 +219,7 @@ def run_sft(
 
     mesh = sharding_lib.make_mesh(data=1, fsdp=1, tensor=1, devices=list(devices or jax.devices())[:1])
     shardings = sharding_lib.param_shardings(model_config, mesh)
-    params = init_params(model_config, jax.random.key(settings.seed), shardings=shardings)
+    params = models.init_params(model_config, jax.random.key(settings.seed), shardings=shardings)
     optimizer = make_sft_optimizer(settings)
     opt_state = optimizer.init(params)
     step_fn = jax.jit(functools.partial(sft_step, config=model_config, optimizer=optimizer), donate_argnums=(0, 1))
@@ -247,7 +247,7 @@ def run_sft(
     )
     log(f"sft: greedy test accuracy {accuracy:.3f} on {len(test_rows)} problems")
     os.makedirs(out_dir, exist_ok=True)
-    convert.save_hf(model_config, params, out_dir)
+    models.save_hf(model_config, params, out_dir)
     tokenizer.save_pretrained(out_dir)
     result = {
         "test_accuracy": accuracy,

@@ -1,0 +1,324 @@
+"""The model seam: a family protocol, the parameter layout, and the registry by HF `model_type`.
+
+Everything outside `effopd_jax/models/` sees a model through three things:
+
+* a **config** (a frozen, hashable dataclass of the family, so it can be a static `jax.jit`
+  argument) with at least the fields of :class:`ModelConfig`;
+* the family's functions (:class:`ModelFamily`): the forward, its cache, the lm-head weight,
+  the logical axes of params and cache, and the config <-> HF `config.json` conversion;
+* the **layout** (:class:`ModelLayout`): one :class:`ParamInfo` per parameter leaf, saying what
+  the leaf is (an attention / MLP matrix of which layer and module, a norm, the embedding, ...),
+  its Hugging Face tensor name(s) and orientation, and whether EffOPD extrapolates it by default.
+  Conversion, EffOPD's default filter, the foresight monitor and the offline analysis read it
+  instead of hard-coding parameter names.
+
+A family registers itself under the HF `model_type`s it reads (:func:`register_family`);
+:func:`family_for` finds it and refuses an unknown type with the list of supported ones.
+How to add a family: docs/architecture.md#how-to-add.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+PyTree = Any
+
+
+class UnsupportedConfigError(ValueError):
+    """A Hugging Face config asks for something no registered family implements.
+
+    Raised for unknown `model_type`s and for fields a family refuses (e.g. sliding-window
+    attention, RoPE scaling, mixture-of-experts fields); the message names the field.
+    """
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """What the library reads from any family's config (the family adds its own fields).
+
+    Runtime fields (not part of a checkpoint): `param_dtype` (storage dtype of the params),
+    `dtype` (compute dtype), `scan_layers` (layers stacked on a leading axis), `remat`
+    (activation checkpointing policy).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    max_position_embeddings: int
+    eos_token_id: int | tuple[int, ...] | None
+    pad_token_id: int | None
+    param_dtype: Any
+    dtype: Any
+    scan_layers: bool
+    remat: str
+
+    def to_hf(self) -> dict[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+# Roles of a parameter leaf.
+MATRIX = "matrix"  # a 2-D weight of a decoder layer (kernel [in, out]): what the monitor analyses
+BIAS = "bias"
+NORM = "norm"
+EMBEDDING = "embedding"
+LM_HEAD = "lm_head"
+ROLES = (MATRIX, BIAS, NORM, EMBEDDING, LM_HEAD)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """What one leaf of the params pytree is.
+
+    Attributes:
+      path: the leaf's key path, e.g. `("layers_3", "self_attn", "q_proj", "kernel")`.
+      role: one of `ROLES`.
+      module: the module the leaf belongs to, the same for every layer, e.g.
+        `"self_attn/q_proj"`, `"input_layernorm"`, `"embed_tokens"`, `"norm"`.
+      group: a coarse grouping of modules used by summaries, e.g. `"attention"`, `"mlp"`,
+        `"norm"`, `"embedding"`.
+      layers: the decoder layers the leaf holds, `(i,)` for an unscanned layer leaf,
+        `(0, ..., L-1)` for a scanned one (leading axis = layer), `()` for global leaves.
+      stack_axes: names of the leaf's leading axes that stack several HF tensors, e.g.
+        `("layers",)` for a scanned leaf; `()` when the leaf is one HF tensor.
+      hf_names: the HF tensor names, one per slice along `stack_axes` (row-major order).
+      transpose: the HF tensor is the transpose of the (per-slice) leaf: kernels are stored
+        `[in, out]` here and `[out, in]` in HF.
+      extrapolate: whether EffOPD's default filter selects the leaf for this family (the
+        authors' rule; docs/effopd_rule.md#the-parameter-filter).
+    """
+
+    path: tuple[str, ...]
+    role: str
+    module: str
+    group: str
+    layers: tuple[int, ...]
+    stack_axes: tuple[str, ...]
+    hf_names: tuple[str, ...]
+    transpose: bool
+    extrapolate: bool
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"ParamInfo.role must be one of {ROLES}, got {self.role!r}")
+
+    @property
+    def name(self) -> str:
+        """The `/`-joined path, as EffOPD's filter and the metric names spell it."""
+        return "/".join(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    """Every parameter leaf of one config's params tree, in tree-flattening order.
+
+    Frozen and hashable (a static `jax.jit` argument of the monitor). Built by the family's
+    `layout(config)`; the params tree of `init_params(config, ...)` has exactly these leaves.
+
+    Attributes:
+      params: one entry per leaf, in tree-flattening order.
+      module_order: the family's reading order of its matrix modules (e.g. q, k, v, o, gate,
+        up, down), used for tables and plots; modules it does not list follow in tree order.
+    """
+
+    params: tuple[ParamInfo, ...]
+    module_order: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = [info.name for info in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError("ModelLayout: duplicate parameter paths")
+
+    def find(self, path: tuple[str, ...] | str) -> ParamInfo:
+        """The entry of a leaf, by key path or `/`-joined name; KeyError naming it otherwise."""
+        name = path if isinstance(path, str) else "/".join(path)
+        for info in self.params:
+            if info.name == name:
+                return info
+        raise KeyError(f"the layout has no parameter {name!r}")
+
+    @property
+    def matrix_modules(self) -> tuple[str, ...]:
+        """The modules that hold decoder-layer matrices, in first-appearance order."""
+        seen: dict[str, None] = {}
+        for info in self.params:
+            if info.role == MATRIX:
+                seen.setdefault(info.module, None)
+        listed = [module for module in self.module_order if module in seen]
+        return tuple(listed + [module for module in seen if module not in listed])
+
+    def matrices(self, module: str) -> tuple[ParamInfo, ...]:
+        """The matrix leaves of `module`, ordered by layer; ValueError for an unknown module."""
+        entries = tuple(sorted((i for i in self.params if i.role == MATRIX and i.module == module),
+                               key=lambda info: info.layers))
+        if not entries:
+            raise ValueError(f"unknown module {module!r}; the layout's matrix modules are "
+                             f"{self.matrix_modules}")
+        return entries
+
+    def module_layers(self, module: str) -> tuple[int, ...]:
+        """The decoder layers that hold a matrix of `module`, in order."""
+        return tuple(layer for info in self.matrices(module) for layer in info.layers)
+
+    def module_groups(self) -> dict[str, tuple[str, ...]]:
+        """`{group: modules}` over the matrix modules, e.g. `{"attention": (...), "mlp": (...)}`."""
+        groups: dict[str, list[str]] = {}
+        for module in self.matrix_modules:
+            groups.setdefault(self.matrices(module)[0].group, []).append(module)
+        return {group: tuple(modules) for group, modules in groups.items()}
+
+    def extrapolated_names(self) -> frozenset[str]:
+        """The `/`-joined names EffOPD extrapolates by default."""
+        return frozenset(info.name for info in self.params if info.extrapolate)
+
+    def effopd_filter(self) -> Callable[[str], bool]:
+        """EffOPD's default parameter filter for this family: `path -> bool` on `/`-joined names
+        (what `effopd(param_filter=...)` takes)."""
+        selected = self.extrapolated_names()
+        return lambda name: name in selected
+
+
+class ModelFamily(abc.ABC):
+    """A model family: how its configs, forward, cache and parameters look.
+
+    Subclasses set `name` and `model_types` and implement the abstract methods; every method is
+    pure (no I/O) and the array functions are jit-able with the config static.
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+
+    # -- configs -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def config_from_hf(self, hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
+        """The config of a HF `config.json` dict; `runtime` sets the runtime fields.
+
+        Raises:
+          UnsupportedConfigError: naming a field the family does not implement.
+          ValueError: a required field is missing.
+        """
+
+    @abc.abstractmethod
+    def config_from_dict(self, fields: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Inverse of `config.to_dict()` (how orbax checkpoints store the config)."""
+
+    # -- the network ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def apply(self, config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
+              positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+              cache: PyTree | None = None, return_hidden_states: bool = False) -> Any:
+        """The forward pass; see :func:`effopd_jax.models.forward` for the contract."""
+
+    @abc.abstractmethod
+    def init_params(self, config: ModelConfig, rng: jax.Array) -> PyTree:
+        """Random params (plain arrays, traceable: callers jit it with out_shardings)."""
+
+    @abc.abstractmethod
+    def param_logical_axes(self, config: ModelConfig) -> PyTree:
+        """A tree like the params of `PartitionSpec`s of logical axis names."""
+
+    @abc.abstractmethod
+    def lm_head_weight(self, config: ModelConfig, params: PyTree) -> jax.Array:
+        """The output projection `[hidden, vocab]` in the param dtype."""
+
+    # -- incremental decoding ------------------------------------------------------------------
+    @abc.abstractmethod
+    def init_cache(self, config: ModelConfig, batch: int, max_len: int, dtype: Any) -> PyTree:
+        """An empty decoding cache for `batch` rows of up to `max_len` positions (opaque to
+        callers: the sampler only passes it back to `apply`)."""
+
+    @abc.abstractmethod
+    def cache_logical_axes(self, config: ModelConfig) -> PyTree:
+        """A tree like the cache whose leaves are tuples of logical axis names (`None` for a
+        replicated dimension), from which `sharding.cache_shardings` builds shardings."""
+
+    # -- parameters ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def layout(self, config: ModelConfig) -> ModelLayout:
+        """The :class:`ModelLayout` of `config`'s params tree."""
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Registers `family` under each of its `model_types`; returns it (usable as a decorator
+    on an instance). A `model_type` can belong to one family only."""
+    if not family.model_types:
+        raise ValueError(f"family {family.name!r} declares no model_types")
+    for model_type in family.model_types:
+        owner = _FAMILIES.get(model_type)
+        if owner is not None and owner is not family:
+            raise ValueError(f"model_type {model_type!r} is already registered by {owner.name!r}")
+    for model_type in family.model_types:
+        _FAMILIES[model_type] = family
+    return family
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every registered HF `model_type`, sorted."""
+    return tuple(sorted(_FAMILIES))
+
+
+def family_for(config_or_model_type: ModelConfig | str) -> ModelFamily:
+    """The family of a config or of a HF `model_type`.
+
+    Raises:
+      UnsupportedConfigError: no family reads this `model_type` (the message lists those that do).
+    """
+    model_type = (config_or_model_type if isinstance(config_or_model_type, str)
+                  else getattr(config_or_model_type, "model_type", None))
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        hint = " (mixture-of-experts models are not implemented)" if "moe" in str(model_type) else ""
+        raise UnsupportedConfigError(
+            f"config field model_type={model_type!r} is not supported{hint}; "
+            f"supported: {supported_model_types()}")
+    return family
+
+
+def read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A HF `config.json` as a dict: from a model directory, the file itself, or a mapping.
+
+    Raises:
+      FileNotFoundError: no config.json there.
+      ValueError: the file is not a JSON object (the message names the file).
+    """
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict)
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no HF config.json at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON config ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: a HF config must be a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def stacked_hf_names(name_of: Callable[..., str], stack_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """`name_of(*index)` for every index of `stack_shape` in row-major order (helper for
+    families building `ParamInfo.hf_names` of stacked leaves)."""
+    count = math.prod(stack_shape)
+    names = []
+    for flat in range(count):
+        index, rest = [], flat
+        for size in reversed(stack_shape):
+            index.append(rest % size)
+            rest //= size
+        names.append(name_of(*reversed(index)))
+    return tuple(names)

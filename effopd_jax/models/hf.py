@@ -1,0 +1,482 @@
+"""Hugging Face safetensors checkpoints <-> params pytrees, for every registered family.
+
+HF checkpoint layout (what `transformers.save_pretrained` writes): `config.json` plus either
+`model.safetensors`, or `model-0000k-of-0000n.safetensors` shards listed by
+`model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {tensor: file}}`).
+
+Which tensor feeds which leaf, in which orientation, comes from the family's layout
+(`ParamInfo.hf_names`, `.transpose`, `.stack_axes`): nothing here knows a parameter name.
+
+Safetensors files are read through a memory map of the documented format (8-byte little-endian
+header length, JSON header, raw little-endian data) rather than `safetensors.safe_open(framework=
+"np")`, because numpy has no bfloat16 and that reader rejects BF16 tensors, the dtype every
+published Qwen checkpoint uses; `ml_dtypes.bfloat16` (a JAX dependency) covers it. The memory map
+means each device shard reads only the bytes it needs, so peak host memory is about one tensor.
+
+Errors: every problem with a checkpoint raises a `CheckpointError` subclass naming the tensor(s);
+config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
+model needs is never initialised when the checkpoint lacks it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from effopd_jax.models.family import (
+    EMBEDDING, LM_HEAD, ModelConfig, ParamInfo, family_for, read_hf_config,
+)
+
+PyTree = Any
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Non-persistent buffers some older exports include; they carry no learned weights.
+IGNORED_HF_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not match the model its config describes."""
+
+
+class MissingTensorError(CheckpointError):
+    """The checkpoint lacks tensors the model needs (the message lists them)."""
+
+
+class UnexpectedTensorError(CheckpointError):
+    """The checkpoint has tensors the model does not use (the message lists them)."""
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor's shape differs from what the config implies (the message names it)."""
+
+
+# ============================================================================================
+# Safetensors I/O
+# ============================================================================================
+@dataclasses.dataclass(frozen=True)
+class _TensorRecord:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_safetensors_header(path: str) -> dict[str, _TensorRecord]:
+    """The tensor records of one file; a damaged or truncated file raises CheckpointError."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        # Checked before reading: a damaged prefix can claim up to 2**64 bytes.
+        if header_len > file_size - 8:
+            raise CheckpointError(
+                f"{path}: the header claims {header_len} bytes but only {file_size - 8} follow "
+                "(truncated file, or not a safetensors file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    records = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, raw_shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(d) for d in raw_shape)
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(
+                f"tensor {name!r} in {path}: malformed header entry {info!r}") from None
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has dtype {dtype_name}; supported: "
+                f"{sorted(_SAFETENSORS_DTYPES)}")
+        dtype = _SAFETENSORS_DTYPES[dtype_name]
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets do not match its shape")
+        if data_start + end > file_size:
+            raise CheckpointError(
+                f"tensor {name!r} in {path}: its data ends at byte {data_start + end} but the file "
+                f"has {file_size} bytes (truncated file?)")
+        records[name] = _TensorRecord(path, dtype, shape, data_start + begin, end - begin)
+    return records
+
+
+class _SafetensorsReader:
+    """All tensors of a (possibly index-sharded) checkpoint directory, read lazily via mmap."""
+
+    def __init__(self, directory: str):
+        index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+        single_path = os.path.join(directory, SAFE_WEIGHTS_NAME)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single_path):
+            weight_map, files = None, [SAFE_WEIGHTS_NAME]
+        else:
+            raise CheckpointError(
+                f"{directory}: neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} found")
+        self.records: dict[str, _TensorRecord] = {}
+        for file in files:
+            path = os.path.join(directory, file)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{SAFE_WEIGHTS_INDEX_NAME} lists {file}, which is missing")
+            for name, record in _read_safetensors_header(path).items():
+                if name in self.records:
+                    raise CheckpointError(f"tensor {name!r} appears in more than one file")
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise CheckpointError(
+                        f"tensor {name!r} is in {file} but the index maps it to "
+                        f"{weight_map.get(name)!r}")
+                self.records[name] = record
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self.records))
+            if absent:
+                raise MissingTensorError(
+                    f"{SAFE_WEIGHTS_INDEX_NAME} lists tensors absent from their files: {absent[:8]}")
+        self._maps: dict[str, np.memmap] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view (no bytes read until indexed)."""
+        record = self.records[name]
+        if record.file not in self._maps:
+            self._maps[record.file] = np.memmap(record.file, dtype=np.uint8, mode="r")
+        return np.ndarray(record.shape, record.dtype, buffer=self._maps[record.file],
+                          offset=record.offset)
+
+
+def _write_safetensors(path: str, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                       fetch: Callable[[str], np.ndarray]) -> None:
+    """Writes one safetensors file, fetching each tensor only when its bytes are written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, shape, dtype in tensors:
+            array = np.ascontiguousarray(fetch(name), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise AssertionError(f"{name}: fetched {array.shape}, declared {shape}")
+            f.write(array.tobytes())
+
+
+# ============================================================================================
+# Leaves of a config: layout entry + shape
+# ============================================================================================
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    info: ParamInfo
+    shape: tuple[int, ...]
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return self.shape[:len(self.info.stack_axes)]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """The shape of each HF tensor feeding this leaf."""
+        per_tensor = self.shape[len(self.info.stack_axes):]
+        return tuple(reversed(per_tensor)) if self.info.transpose else per_tensor
+
+
+def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
+    family = family_for(config)
+    abstract = jax.eval_shape(lambda key: family.init_params(config, key), jax.random.key(0))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    layout = family.layout(config)
+    leaves = []
+    for (key_path, leaf), info in zip(flat, layout.params, strict=True):
+        path = tuple(k.key for k in key_path)
+        if path != info.path:
+            raise AssertionError(f"layout order differs from the params tree at {path} vs {info.path}")
+        leaf_info = _Leaf(info, tuple(leaf.shape))
+        if len(info.hf_names) != math.prod(leaf_info.stack_shape):
+            raise AssertionError(f"{info.name}: {len(info.hf_names)} HF names for stack shape "
+                                 f"{leaf_info.stack_shape}")
+        leaves.append(leaf_info)
+    return treedef, leaves
+
+
+# ============================================================================================
+# load_hf / save_hf
+# ============================================================================================
+def config_from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any], **runtime: Any) -> ModelConfig:
+    """The family config of a HF checkpoint directory, `config.json` file or dict.
+
+    `runtime` sets runtime fields (`param_dtype`, `dtype`, `scan_layers`, `remat`).
+
+    Raises:
+      UnsupportedConfigError: no registered family reads the `model_type`, or the family refuses
+        a field (named in the message).
+      FileNotFoundError / ValueError: no config.json, or not a JSON object (naming the file).
+    """
+    hf = read_hf_config(path_or_dict)
+    return family_for(str(hf.get("model_type"))).config_from_hf(hf, **runtime)
+
+
+def load_hf(path: str | os.PathLike, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
+            shardings: Any = None, scan_layers: bool = False, remat: str = "none"
+            ) -> tuple[ModelConfig, PyTree]:
+    """Reads a HF checkpoint directory of any registered family into a params pytree.
+
+    Args:
+      path: directory with `config.json` and `model.safetensors` or an index-sharded set.
+      param_dtype: dtype of the returned arrays (`config.param_dtype`).
+      compute_dtype: the forward's compute dtype (`config.dtype`).
+      shardings: None (every array on the default device), one `jax.sharding.Sharding` for all
+        leaves, a `jax.sharding.Mesh` (the params are laid out by `sharding.param_shardings`),
+        or a pytree of shardings with the params' structure. Each device shard is assembled by
+        `jax.make_array_from_callback` straight from the memory-mapped file, so no host holds
+        more than about one tensor.
+      scan_layers: stack the decoder layers on a leading axis (`config.scan_layers`).
+      remat: activation checkpointing policy (`config.remat`).
+
+    Returns:
+      `(config, params)`, `params` matching `forward(config, params, ...)`.
+
+    Raises:
+      MissingTensorError / UnexpectedTensorError / TensorShapeError: naming the tensors.
+      UnsupportedConfigError: the config asks for something no family implements.
+    """
+    path = os.fspath(path)
+    config = config_from_hf(path, param_dtype=param_dtype, dtype=compute_dtype,
+                            scan_layers=scan_layers, remat=remat)
+    return config, load_params(path, config, shardings)
+
+
+def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = None) -> PyTree:
+    """The params of `config` read from the HF checkpoint directory `path` (see `load_hf`;
+    `config` decides the layout and dtype, the file's config.json is not read)."""
+    path = os.fspath(path)
+    reader = _SafetensorsReader(path)
+    treedef, leaves = _leaves(config)
+    _check_tensors(config, reader, leaves)
+
+    target_dtype = np.dtype(config.param_dtype)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Mesh):
+        from effopd_jax import sharding as sharding_lib  # noqa: PLC0415  (sharding imports models)
+
+        shardings = sharding_lib.param_shardings(config, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        leaf_shardings = [shardings] * len(leaves)
+    else:
+        leaf_shardings = treedef.flatten_up_to(shardings)
+
+    arrays = []
+    for leaf, sharding in zip(leaves, leaf_shardings):
+        views = [reader.array(name) for name in leaf.info.hf_names]
+        if leaf.info.transpose:
+            views = [view.T for view in views]  # still a lazy view of the memory map
+        arrays.append(jax.make_array_from_callback(
+            leaf.shape, sharding, _block_reader(views, leaf, target_dtype), dtype=target_dtype))
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _block_reader(views: list[np.ndarray], leaf: _Leaf, dtype: np.dtype) -> Callable:
+    """The callback that assembles one device's block of `leaf` from the per-tensor views."""
+    stack_shape = leaf.stack_shape
+    stack_rank = len(stack_shape)
+
+    def fetch(index):
+        index = tuple(index) if index is not None else (slice(None),) * len(leaf.shape)
+        if not stack_rank:
+            block = views[0][index]
+        else:
+            # The stacked axes index the HF tensors; gather the selected ones, then their slices.
+            selected = [range(size)[index[axis]] for axis, size in enumerate(stack_shape)]
+            parts = [views[int(np.ravel_multi_index(multi, stack_shape))][index[stack_rank:]]
+                     for multi in itertools.product(*selected)]
+            block = np.stack(parts).reshape(tuple(len(s) for s in selected) + parts[0].shape)
+        # A copy, never a view of the memory map: the device buffer must not alias the file.
+        return np.array(block, dtype=dtype, copy=True)
+
+    return fetch
+
+
+def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list[_Leaf]) -> None:
+    expected: dict[str, tuple[int, ...]] = {}
+    for leaf in leaves:
+        for name in leaf.info.hf_names:
+            expected[name] = leaf.hf_shape
+    present = {name for name in reader.records
+               if not name.endswith(IGNORED_HF_TENSOR_SUFFIXES)}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise MissingTensorError(
+            f"checkpoint is missing {len(missing)} tensor(s) the config needs: {missing[:8]}"
+            + (" ..." if len(missing) > 8 else ""))
+    unexpected = sorted(present - set(expected))
+    tied_head = _tied_head_name(config, leaves)
+    if tied_head is not None and tied_head in unexpected:
+        # Some exports write the tied head explicitly; accept it only if it is the embedding.
+        embedding = next(leaf.info.hf_names[0] for leaf in leaves if leaf.info.role == EMBEDDING)
+        _check_tied_head(reader, tied_head, embedding)
+        unexpected.remove(tied_head)
+    if unexpected:
+        raise UnexpectedTensorError(
+            f"checkpoint has {len(unexpected)} tensor(s) the config does not use: "
+            f"{unexpected[:8]}" + (" ..." if len(unexpected) > 8 else ""))
+    for name, shape in expected.items():
+        got = reader.records[name].shape
+        if got != shape:
+            raise TensorShapeError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+
+
+def _tied_head_name(config: ModelConfig, leaves: list[_Leaf]) -> str | None:
+    """The HF name an untied head would have, when the config ties it to the embedding."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return None
+    if any(leaf.info.role == LM_HEAD for leaf in leaves):
+        return None
+    return "lm_head.weight"
+
+
+def _check_tied_head(reader: _SafetensorsReader, head_name: str, embedding_name: str,
+                     rows_per_chunk: int = 4096) -> None:
+    head, embed = reader.array(head_name), reader.array(embedding_name)
+    if head.shape != embed.shape:
+        raise TensorShapeError(
+            f"tensor {head_name!r} has shape {list(head.shape)} but tie_word_embeddings needs "
+            f"the embedding's {list(embed.shape)}")
+    for start in range(0, head.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        if not np.array_equal(head[rows], embed[rows]):
+            raise UnexpectedTensorError(
+                f"tensor {head_name!r} differs from {embedding_name!r} but the config sets "
+                "tie_word_embeddings=true")
+
+
+def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
+            dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `params` as a HF checkpoint directory that `transformers` loads
+    (`AutoModelForCausalLM.from_pretrained`).
+
+    Args:
+      config: the model's config (`scan_layers` must describe `params`' layout).
+      params: the params pytree (single-process: arrays must be fully addressable).
+      path: output directory (created; existing files of the same names are overwritten).
+      dtype: storage dtype (float32 / bfloat16 / float16); default: each array's own dtype.
+      max_shard_bytes: above this total size the tensors go into several
+        `model-0000k-of-0000n.safetensors` files plus `model.safetensors.index.json`.
+
+    Host memory peaks at about one params leaf (a stacked leaf holds all its slices).
+
+    Raises:
+      MissingTensorError / UnexpectedTensorError / TensorShapeError: `params` does not have
+        the structure and shapes `config` implies.
+    """
+    path = os.fspath(path)
+    _, leaves = _leaves(config)
+    arrays = _flatten_like(leaves, params)
+    storage = [np.dtype(dtype if dtype is not None else array.dtype) for array in arrays]
+    for leaf, array, leaf_dtype in zip(leaves, arrays, storage):
+        if leaf_dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"save_hf: dtype {leaf_dtype} of {leaf.info.name} "
+                             f"cannot be stored; use one of float32, bfloat16, float16")
+        if isinstance(array, jax.Array) and not array.is_fully_addressable:
+            raise ValueError(
+                f"save_hf: {leaf.info.name} is not fully addressable by this process; "
+                "gather it first (jax.experimental.multihost_utils.process_allgather)")
+
+    # (name, hf shape, dtype, leaf number, slice number) in leaf order: each leaf is fetched once.
+    entries = []
+    for n, leaf in enumerate(leaves):
+        stacked = bool(leaf.info.stack_axes)
+        for slice_number, name in enumerate(leaf.info.hf_names):
+            entries.append((name, leaf.hf_shape, storage[n], n, slice_number if stacked else None))
+    shards: list[list[tuple]] = [[]]
+    shard_bytes = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(entry)
+        shard_bytes += nbytes
+
+    os.makedirs(path, exist_ok=True)
+    cache: dict[int, np.ndarray] = {}  # holds the host copy of the leaf being written
+
+    def fetch_entry(entry) -> np.ndarray:
+        _, _, _, n, slice_number = entry
+        if n not in cache:
+            cache.clear()
+            cache[n] = np.asarray(jax.device_get(arrays[n]))
+        array = cache[n]
+        if slice_number is not None:
+            flat = array.reshape((-1,) + array.shape[len(leaves[n].info.stack_axes):])
+            array = flat[slice_number]
+        return array.T if leaves[n].info.transpose else array
+
+    total_size = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = (SAFE_WEIGHTS_NAME if len(shards) == 1
+                else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+        by_name = {e[0]: e for e in shard}
+        _write_safetensors(os.path.join(path, file), [(e[0], e[1], e[2]) for e in shard],
+                           lambda name: fetch_entry(by_name[name]))
+        weight_map.update({e[0]: file for e in shard})
+    if len(shards) > 1:
+        with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f,
+                      indent=2)
+    stored = {str(d) for d in storage}
+    hf_config = config.to_hf()
+    hf_config["dtype"] = stored.pop() if len(stored) == 1 else "float32"
+    hf_config["torch_dtype"] = hf_config["dtype"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+def _flatten_like(leaves: list[_Leaf], params: PyTree) -> list:
+    """`params`' leaves in layout order, checking names and shapes against the config."""
+    flat = {tuple(k.key for k in key_path): leaf
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    wanted = {leaf.info.path for leaf in leaves}
+    missing = sorted("/".join(p) for p in wanted - set(flat))
+    if missing:
+        raise MissingTensorError(f"params lack {missing[:8]} that the config implies")
+    unexpected = sorted("/".join(p) for p in set(flat) - wanted)
+    if unexpected:
+        raise UnexpectedTensorError(f"params have {unexpected[:8]} that the config does not use")
+    for leaf in leaves:
+        if tuple(flat[leaf.info.path].shape) != leaf.shape:
+            raise TensorShapeError(
+                f"param {leaf.info.name} has shape {list(flat[leaf.info.path].shape)}, expected "
+                f"{list(leaf.shape)}")
+    return [flat[leaf.info.path] for leaf in leaves]

@@ -1,0 +1,199 @@
+"""The loss seam: OPD objectives by name, and the response forward passes they share.
+
+An OPD objective turns the student's final hidden states at the response positions (and its
+output head) plus the step's :class:`OPDBatch` into ``(loss, metrics)``. Each is registered
+under the name ``config.loss.name`` selects, together with what it needs from the teacher:
+
+  name               teacher provides       math (effopd_jax/losses.py)
+  sampled_token      token log-probs        sampled_token_opd_loss (the authors' loss)
+  full_reverse_kl    hidden states + head   chunked_reverse_kl (exact, full vocabulary)
+  topk_reverse_kl    hidden states + head   chunked_reverse_kl(topk=k) (top-k + tail buckets)
+
+Everything here is pure and jit-able; the trainer closes over the static settings. How to add
+a loss: docs/architecture.md#how-to-add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from effopd_jax import losses, models
+from effopd_jax.models import ModelConfig
+
+PyTree = Any
+TeacherOutput = Literal["token_logprobs", "hidden_states"]
+
+
+class OPDBatch(NamedTuple):
+    """One step's training data, all ``[rows, ...]`` with ``rows = prompts * samples_per_prompt``
+    (global arrays, batch-sharded).
+
+    Attributes:
+      prompt_ids: ``[rows, prompt_len]`` int32, left-padded.
+      prompt_mask: ``[rows, prompt_len]`` bool.
+      response_ids: ``[rows, max_new_tokens]`` int32 sampled tokens.
+      response_mask: ``[rows, max_new_tokens]`` bool, generated tokens up to and including EOS.
+      behaviour_logprobs: ``[rows, max_new_tokens]`` float32, log-probs under the sampler.
+      teacher_logprobs: ``[rows, max_new_tokens]`` float32 (token-log-prob objectives), or None.
+      teacher_hidden: ``[rows, max_new_tokens, teacher_hidden]`` (hidden-state objectives), or None.
+      teacher_head: ``[teacher_hidden, vocab]`` the teacher's output projection (hidden-state
+        objectives), or None.
+      base_logprobs: ``[rows, max_new_tokens]`` float32 of G-OPD's reference model pi_B, or None.
+    """
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
+    behaviour_logprobs: jax.Array
+    teacher_logprobs: jax.Array | None = None
+    teacher_hidden: jax.Array | None = None
+    teacher_head: jax.Array | None = None
+    base_logprobs: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The static settings of an objective (hashable: closed over by the jitted update).
+
+    Attributes:
+      aggregation: how token losses become one number (``losses.AGGREGATIONS``).
+      chunk_size: response positions per chunk of the vocabulary projection.
+      temperature: the sampling temperature (> 0); logits are divided by it, as the sampler did.
+      reward_scale: G-OPD's lambda (sampled_token only).
+      is_threshold: upper bound of the truncated importance weight, or None (sampled_token only).
+      topk: k of the top-k reverse KL (topk_reverse_kl only).
+    """
+
+    aggregation: str = "seq-mean-token-mean"
+    chunk_size: int = 512
+    temperature: float = 1.0
+    reward_scale: float = 1.0
+    is_threshold: float | None = 5.0
+    topk: int = 64
+
+
+Objective = Callable[[jax.Array, jax.Array, OPDBatch, LossSettings], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OPDLoss:
+    """A registered objective.
+
+    Attributes:
+      name: the ``config.loss.name`` that selects it.
+      teacher_output: what the teacher must put into the batch: ``"token_logprobs"``
+        (``teacher_logprobs``) or ``"hidden_states"`` (``teacher_hidden`` and ``teacher_head``).
+      objective: ``(student_hidden [rows, T, H], student_head [H, V], batch, settings) ->
+        (loss, metrics)``; differentiable in the student's hidden states and head.
+    """
+
+    name: str
+    teacher_output: TeacherOutput
+    objective: Objective
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes over prompt + response
+# ---------------------------------------------------------------------------------------------
+
+
+def response_hidden_states(config: ModelConfig, params: PyTree, prompt_ids: jax.Array,
+                           prompt_mask: jax.Array, response_ids: jax.Array,
+                           response_mask: jax.Array) -> jax.Array:
+    """Final hidden states that predict each response token: ``[rows, max_new_tokens, hidden]``.
+
+    The model runs once over ``prompt + response`` (``[rows, prompt_len + max_new_tokens]``);
+    the state at position ``prompt_len - 1 + t`` predicts response token ``t``. Padding is masked
+    and positions count real tokens only, as in the sampler.
+    """
+    prompt_len = prompt_ids.shape[1]
+    new_tokens = response_ids.shape[1]
+    input_ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    hidden = models.forward(config, params, input_ids, attention_mask=attention_mask,
+                            return_hidden_states=True)
+    return jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, new_tokens, axis=1)
+
+
+def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array,
+                      prompt_mask: jax.Array, response_ids: jax.Array, response_mask: jax.Array,
+                      *, temperature: float, chunk_size: int) -> jax.Array:
+    """``log pi(response_t | prompt, response_<t)`` at ``temperature``: ``[rows, max_new_tokens]``
+    float32, the vocabulary projection chunked over the response."""
+    hidden = response_hidden_states(config, params, prompt_ids, prompt_mask, response_ids, response_mask)
+    return losses.chunked_token_logprobs(hidden, models.lm_head_weight(config, params), response_ids,
+                                         chunk_size=chunk_size, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered objectives
+# ---------------------------------------------------------------------------------------------
+
+
+def _sampled_token(student_hidden, student_head, batch: OPDBatch, settings: LossSettings):
+    student_logprobs = losses.chunked_token_logprobs(
+        student_hidden, student_head, batch.response_ids, chunk_size=settings.chunk_size,
+        temperature=settings.temperature)
+    return losses.sampled_token_opd_loss(
+        student_logprobs, batch.teacher_logprobs, batch.response_mask,
+        base_logprobs=batch.base_logprobs, reward_scale=settings.reward_scale,
+        behaviour_logprobs=batch.behaviour_logprobs, is_threshold=settings.is_threshold,
+        aggregation=settings.aggregation)
+
+
+def _reverse_kl(topk: bool) -> Objective:
+    def objective(student_hidden, student_head, batch: OPDBatch, settings: LossSettings):
+        mask = batch.response_mask
+        per_token_kl = losses.chunked_reverse_kl(
+            student_hidden, student_head, batch.teacher_hidden, batch.teacher_head,
+            chunk_size=settings.chunk_size, topk=settings.topk if topk else None)
+        loss = losses.aggregate_token_losses(per_token_kl, mask, settings.aggregation)
+        num_tokens = jnp.maximum(mask.sum(), 1)
+        return loss, {"reverse_kl": jnp.sum(jnp.where(mask, per_token_kl, 0.0)) / num_tokens,
+                      "num_tokens": mask.sum()}
+
+    return objective
+
+
+_LOSSES: dict[str, OPDLoss] = {}
+
+
+def register_loss(loss: OPDLoss) -> OPDLoss:
+    """Makes ``config.loss.name = loss.name`` select ``loss``."""
+    if loss.teacher_output not in ("token_logprobs", "hidden_states"):
+        raise ValueError(f"OPDLoss.teacher_output must be 'token_logprobs' or 'hidden_states', "
+                         f"got {loss.teacher_output!r}")
+    if loss.name in _LOSSES and _LOSSES[loss.name] is not loss:
+        raise ValueError(f"a loss named {loss.name!r} is already registered")
+    _LOSSES[loss.name] = loss
+    return loss
+
+
+def registered_losses() -> tuple[str, ...]:
+    return tuple(sorted(_LOSSES))
+
+
+def get_loss(name: str) -> OPDLoss:
+    """The objective registered as ``name``; ValueError listing the registered ones otherwise."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; registered: {registered_losses()}")
+    return _LOSSES[name]
+
+
+register_loss(OPDLoss("sampled_token", "token_logprobs", _sampled_token))
+register_loss(OPDLoss("full_reverse_kl", "hidden_states", _reverse_kl(topk=False)))
+register_loss(OPDLoss("topk_reverse_kl", "hidden_states", _reverse_kl(topk=True)))
+
+
+def opd_loss(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
+             settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The objective ``loss`` of the student ``params`` (the full model params) on one batch."""
+    hidden = response_hidden_states(config, params, batch.prompt_ids, batch.prompt_mask,
+                                    batch.response_ids, batch.response_mask)
+    return loss.objective(hidden, models.lm_head_weight(config, params), batch, settings)
