@@ -13,7 +13,7 @@ that, see ``make demo``.
 
 import os
 
-from effopd_jax.config import default_config
+from effopd_jax.config import default_config, teacher_config
 from effopd_jax.tiny import GSM8K_FILE, REPO_ROOT, ensure_random_checkpoint, tiny_qwen3_config
 
 
@@ -31,7 +31,7 @@ def get_config():
     c.checkpoint_every = 4
     c.eval_every = 0
     c.student.update(path=student, param_dtype="float32", compute_dtype="float32")
-    c.teacher.update(path=teacher, param_dtype="float32", compute_dtype="float32")
+    c.teachers = (teacher_config(path=teacher, param_dtype="float32", compute_dtype="float32"),)
     c.data.update(train_files=(GSM8K_FILE,), eval_files=(GSM8K_FILE,), prompts_per_step=8,
                   max_prompt_length=256, max_eval_prompts=8)
     c.rollout.update(max_new_tokens=24, temperature=1.0)
