@@ -7,14 +7,14 @@ LR; EffOPD scores candidates by sampled accuracy (T=1) on a small validation set
 
 Model and data paths are the user's: set them on the command line, e.g.
     python -m effopd_jax.train --config=configs/qwen3_1p7b_opd_effopd.py --workdir=gs://bucket/run \
-      --config.student.path=/ckpt/Qwen3-1.7B --config.teacher.path=/ckpt/Qwen3-4B-Non-Thinking-RL-Math \
+      --config.student.path=/ckpt/Qwen3-1.7B '--config.teachers[0].path=/ckpt/Qwen3-4B-Non-Thinking-RL-Math' \
       --config.data.train_files='("/data/DeepMath-103K/train_filtered_level6.parquet",)' \
       --config.data.eval_files='("/data/aime24.parquet","/data/aime25.parquet")' \
       --config.effopd.val_files='("/data/effopd_val.parquet",)'
 The verl Parquet layout (chat-list `prompt`, `reward_model.ground_truth`) is read as is.
 """
 
-from effopd_jax.config import default_config
+from effopd_jax.config import default_config, teacher_config
 
 
 def get_config():
@@ -24,7 +24,7 @@ def get_config():
     c.checkpoint_every = 50
     c.eval_every = 10
     c.student.update(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
-    c.teacher.update(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True)
+    c.teachers = (teacher_config(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
     c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
     c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
     c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)

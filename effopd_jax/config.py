@@ -1,326 +1,376 @@
-"""The trainer's configuration schema: defaults and validation.
+"""The trainer's configuration: one declarative schema, and everything derived from it.
 
-Experiment files in ``configs/`` call :func:`default_config` and override fields; the trainer
-calls :func:`validate_config` before anything compiles, so a bad value is refused with a
-message naming the field. Defaults follow the authors' runs (``../shared/effopd_spec.md`` §1.4,
-§2): AdamW (0.9, 0.999), weight decay 0.01, eps 1e-8, global-norm clip 1.0, constant LR.
+Every setting is one :class:`~effopd_jax.config_schema.Field` of :data:`FIELDS` (a teacher's, of
+:data:`TEACHER_FIELDS`): its default, the values it accepts, a one-line doc, and the condition under
+which it applies. The rules that tie several fields together are :data:`CROSS_RULES`. From these
+come
+
+* :func:`default_config`: what the experiment files in ``configs/`` start from and override;
+* :func:`validate_config`: what the trainer calls before anything loads or compiles, so that a bad
+  value is refused with a message naming the field;
+* :func:`markdown_reference`: ``docs/config.md`` (``python -m effopd_jax.config --markdown``).
+
+Defaults follow the authors' runs (``../shared/effopd_spec.md`` §1.4, §2): AdamW (0.9, 0.999),
+weight decay 0.01, eps 1e-8, global-norm clip 1.0, constant LR.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import os
-from collections.abc import Mapping, Sequence
+import argparse
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
-import numpy as np
+
+from effopd_jax.config_schema import (
+    AllOf,
+    Bool,
+    Choice,
+    Entries,
+    Equals,
+    Field,
+    Greater,
+    Identifier,
+    Int,
+    ModelPath,
+    NonEmpty,
+    NotEquals,
+    OptionalPath,
+    PromptFiles,
+    Real,
+    Retired,
+    StrKeyedMapping,
+    check_settings,
+    is_group,
+    markdown_table,
+    show,
+)
 
 LOSSES = ("sampled_token", "full_reverse_kl", "topk_reverse_kl")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 SCHEDULES = ("constant", "cosine", "linear")
-# Integer settings become array sizes, loop bounds and int32 step counters on device.
-MAX_INT = 2**31 - 1
 DTYPES = ("float32", "bfloat16", "float16")
+# models.qwen.REMAT_POLICIES, repeated so that checking a config imports no jax (a test checks they agree).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROLLOUT_ENGINES = ("static",)  # the sampler: a static KV cache, prefill + lax.while_loop decode
+INIT_MODES = ("checkpoint", "random")
+BAD_ROW_MODES = ("skip", "raise")
 PROMPT_FILE_SUFFIXES = (".jsonl", ".parquet")
-CHAT_TEMPLATE_KWARGS_TYPES = (ml_collections.ConfigDict, Mapping)
+MAX_SEED = 2**32 - 1
+
+
+def _model_fields(group: str, *, param_dtype: str) -> tuple[Field, ...]:
+    """The fields every model has: where its weights come from and the dtypes / layout it runs in.
+
+    ``group`` prefixes the names (``"student."``, or ``""`` inside a teacher entry); ``init`` comes
+    before ``path`` because which paths are allowed depends on it.
+    """
+    random_init = Equals(f"{group}init", "random")
+    return (
+        Field(f"{group}init", "checkpoint", Choice(INIT_MODES),
+              "`checkpoint`: load the weights at `path`; `random`: random weights of `path`'s "
+              "architecture (smoke runs, memory plans)"),
+        Field(f"{group}path", "", ModelPath(config_file_when=random_init),
+              "HF checkpoint directory (config.json + safetensors), or with `init='random'` an HF config.json"),
+        Field(f"{group}init_seed", 0, Int(0, MAX_SEED), "seed of the random weights", applies_when=random_init),
+        Field(f"{group}param_dtype", param_dtype, Choice(DTYPES), "dtype the weights are held in"),
+        Field(f"{group}compute_dtype", "bfloat16", Choice(DTYPES), "dtype of activations and matmuls"),
+        Field(f"{group}scan_layers", False, Bool(),
+              "stack the layers and `lax.scan` over them (compile time independent of depth)"),
+    )
+
+
+# One entry of `teachers`. Names are relative to the entry (`teachers[0].path` is "path").
+TEACHER_FIELDS: tuple[Field, ...] = (
+    Field("name", "teacher", Identifier(), "names the teacher (in logs and metrics); unique across teachers"),
+    *_model_fields("", param_dtype="bfloat16"),
+    Field("tokenizer", "", OptionalPath(directory=True),
+          "the teacher's tokenizer, checked to give the same token ids as the student's; `''`: not checked"),
+)
+
+
+def teacher_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """One entry of ``config.teachers``: the defaults of :data:`TEACHER_FIELDS` with ``overrides``.
+
+    Raises:
+      TypeError: an override that is not a teacher setting, or of another type than its default.
+    """
+    known = [field.name for field in TEACHER_FIELDS]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise TypeError(f"teacher_config() got unknown settings {unknown}; the settings are {known}")
+    entry = ml_collections.ConfigDict({field.name: copy.deepcopy(field.default) for field in TEACHER_FIELDS})
+    entry.update(overrides)  # type-checked against the defaults by ConfigDict
+    return entry
+
+
+def _moved_to_teachers(name: str, placeholder_type: type) -> Field:
+    """A field of the old single-teacher group ``teacher``: only None is accepted, and the error says where it went."""
+    why = "config.teacher was replaced by config.teachers, a tuple of named teachers"
+    return Field(f"teacher.{name}", None, Retired(why, f"teachers[0].{name}", placeholder_type),
+                 f"moved to `teachers[0].{name}`")
+
+
+_sampled_token = Equals("loss.name", "sampled_token")
+_with_eval_files = NonEmpty("data.eval_files")
+_effopd_on = Equals("effopd.enabled", True)
+
+FIELDS: tuple[Field, ...] = (
+    Field("seed", 0, Int(0, MAX_SEED), "seed of the run: data order, sampling"),
+    Field("total_steps", 100, Int(1), "optimizer updates in the run"),
+    Field("checkpoint_every", 50, Int(1), "save a checkpoint every N steps (and at the last one)"),
+    Field("keep_checkpoints", 3, Int(1), "how many of the latest checkpoints to keep"),
+    Field("export_hf", True, Bool(), "write the final student as HF safetensors to WORKDIR/hf"),
+    Field("max_consecutive_skips", 10, Int(1), "non-finite loss / gradient skips in a row before the run stops"),
+    *_model_fields("student.", param_dtype="float32"),
+    Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
+    Field("init_from", "", OptionalPath(directory=False),
+          "the student's initial weights instead of `student.path`'s: an HF directory or an orbax params checkpoint",
+          applies_when=Equals("student.init", "checkpoint")),
+    Field("tokenizer", "", OptionalPath(directory=True), "tokenizer directory; `''`: `student.path`"),
+    # Before `teachers`, so that an old config hears where its settings went before anything else.
+    _moved_to_teachers("path", str),
+    _moved_to_teachers("param_dtype", str),
+    _moved_to_teachers("compute_dtype", str),
+    _moved_to_teachers("scan_layers", bool),
+    _moved_to_teachers("tokenizer", str),
+    Field("teachers", (teacher_config(name="teacher"),), Entries(TEACHER_FIELDS, unique="name"),
+          "the teachers (exactly one for now), each a group built by `teacher_config()`",
+          default_doc="(teacher_config(name='teacher'),)"),
+    # Data.
+    Field("data.train_files", (), PromptFiles(PROMPT_FILE_SUFFIXES, min_count=1), "training prompts"),
+    Field("data.eval_files", (), PromptFiles(PROMPT_FILE_SUFFIXES), "evaluation prompts; `()`: no evaluation"),
+    Field("data.prompts_per_step", 8, Int(1), "prompts per optimizer step (across all processes)"),
+    Field("data.max_prompt_length", 256, Int(1), "longer prompts (after the chat template) are dropped, and counted"),
+    Field("data.shuffle", True, Bool(), "shuffle the training prompts every epoch"),
+    Field("data.num_epochs", 0, Int(0), "passes over the training prompts; 0: as many as `total_steps` needs"),
+    Field("data.chat_template_kwargs", {"enable_thinking": False}, StrKeyedMapping(),
+          "variables passed to the tokenizer's chat template"),
+    Field("data.on_bad_row", "skip", Choice(BAD_ROW_MODES),
+          "a malformed prompt row: `skip` (and count) it, or `raise` naming file:line"),
+    Field("data.max_eval_prompts", 0, Int(0), "evaluate on the first N eval prompts; 0: all",
+          applies_when=_with_eval_files),
+    # Rollout.
+    Field("rollout.engine", "static", Choice(ROLLOUT_ENGINES),
+          "the sampler: `static` (static KV cache, prefill + `lax.while_loop` decode)"),
+    Field("rollout.max_new_tokens", 256, Int(1), "response length cap"),
+    Field("rollout.temperature", 1.0, Real(low=0.0), "sampling temperature; 0: greedy"),
+    Field("rollout.top_k", 0, Int(0), "sample among the k likeliest tokens; 0: all",
+          applies_when=Greater("rollout.temperature", 0.0)),
+    Field("rollout.top_p", 1.0, Real(low=0.0, high=1.0, low_open=True), "nucleus sampling mass; 1: off",
+          applies_when=Greater("rollout.temperature", 0.0)),
+    Field("rollout.samples_per_prompt", 1, Int(1), "rollouts per prompt"),
+    # Loss.
+    Field("loss.name", "sampled_token", Choice(LOSSES),
+          "`sampled_token`: the authors' loss on the sampled tokens; `full_reverse_kl`: exact reverse KL "
+          "over the vocabulary; `topk_reverse_kl`: over the student's top `loss.topk` tokens plus a tail bucket"),
+    Field("loss.aggregation", "seq-mean-token-mean", Choice(AGGREGATIONS), "how per-token losses become one number"),
+    Field("loss.reward_scale", 1.0, Real(), "G-OPD's lambda; != 1 rewards lambda (T - B) - (s - B)",
+          applies_when=_sampled_token),
+    Field("loss.base_path", "", OptionalPath(directory=False),
+          "G-OPD's reference pi_B (HF directory or orbax params); `''`: the initial student",
+          applies_when=AllOf((_sampled_token, NotEquals("loss.reward_scale", 1.0)))),
+    Field("loss.is_threshold", 5.0, Real(low=0.0, low_open=True, none_ok=True),
+          "cap on the truncated importance weight; None: no truncation", applies_when=_sampled_token),
+    Field("loss.topk", 64, Int(1), "the student's top tokens `topk_reverse_kl` compares (the rest is one tail bucket)",
+          applies_when=Equals("loss.name", "topk_reverse_kl")),
+    Field("loss.chunk_size", 512, Int(1), "sequence positions per chunk of log-prob computation"),
+    # Optimizer.
+    Field("optimizer.learning_rate", 1e-6, Real(low=0.0, low_open=True), "peak learning rate"),
+    Field("optimizer.schedule", "constant", Choice(SCHEDULES), "learning-rate schedule after warmup"),
+    Field("optimizer.warmup_steps", 0, Int(0), "linear warmup steps"),
+    Field("optimizer.b1", 0.9, Real(low=0.0, high=1.0, high_open=True), "AdamW beta1"),
+    Field("optimizer.b2", 0.999, Real(low=0.0, high=1.0, high_open=True), "AdamW beta2"),
+    Field("optimizer.eps", 1e-8, Real(low=0.0, low_open=True), "AdamW epsilon"),
+    Field("optimizer.weight_decay", 0.01, Real(low=0.0), "AdamW decoupled weight decay"),
+    Field("optimizer.grad_clip", 1.0, Real(low=0.0, low_open=True), "global-norm gradient clip"),
+    # EffOPD.
+    Field("effopd.enabled", False, Bool(), "extrapolate the update at trigger steps, keeping the best candidate"),
+    Field("effopd.max_candidates", 5, Int(1), "candidates per search (multipliers 3, 5, 7, ...)",
+          applies_when=_effopd_on),
+    Field("effopd.trigger", "pow2", Int(1, special=("pow2",), digit_strings=True),
+          "search at steps 1, 2, 4, 8, ... (`pow2`) or every N-th step; `--config.effopd.trigger=4` "
+          "arrives as the string '4', which counts as 4",
+          applies_when=_effopd_on),
+    Field("effopd.val_files", (), PromptFiles(PROMPT_FILE_SUFFIXES), "prompts the candidates are scored on",
+          applies_when=_effopd_on),
+    Field("effopd.val_max_prompts", 64, Int(0), "score on the first N validation prompts; 0: all",
+          applies_when=_effopd_on),
+    Field("effopd.val_max_new_tokens", 0, Int(0), "response length cap when scoring; 0: `rollout.max_new_tokens`",
+          applies_when=_effopd_on),
+    Field("effopd.val_temperature", 1.0, Real(low=0.0), "sampling temperature when scoring; 0: greedy",
+          applies_when=_effopd_on),
+    # Evaluation.
+    Field("eval_every", 0, Int(0), "evaluate every N steps; 0: only at the end", applies_when=_with_eval_files),
+    Field("eval.samples_per_prompt", 1, Int(1), "samples per eval prompt (mean@n, pass@n)",
+          applies_when=_with_eval_files),
+    Field("eval.temperature", 1.0, Real(low=0.0), "eval sampling temperature; 0: greedy",
+          applies_when=_with_eval_files),
+    Field("eval.max_new_tokens", 0, Int(0), "eval response length cap; 0: `rollout.max_new_tokens`",
+          applies_when=_with_eval_files),
+    # Devices.
+    Field("mesh.data", -1, Int(1, special=(-1,)), "data-parallel axis size; -1: the devices left"),
+    Field("mesh.fsdp", 1, Int(1, special=(-1,)), "parameter-sharding axis size; -1: the devices left"),
+    Field("mesh.tensor", 1, Int(1, special=(-1,)), "tensor-parallel axis size; -1: the devices left"),
+    # Monitoring.
+    Field("monitor.every", 0, Int(0), "truncated-SVD foresight metrics of the updates every N steps; 0: off"),
+    Field("monitor.k", 8, Int(1), "singular directions the foresight metrics keep",
+          applies_when=Greater("monitor.every", 0)),
+    # Preemption: on SIGTERM / SIGINT finish the step, checkpoint, wait for the save, exit 0.
+    Field("preemption.handle_signals", True, Bool(), "stop cleanly on SIGTERM / SIGINT"),
+    Field("preemption.grace_seconds", 120.0, Real(low=0.0, low_open=True),
+          "past this the process exits 1 instead (the last checkpoint stays valid); set it below the "
+          "scheduler's kill timeout (e.g. 30 s on GCE spot)",
+          applies_when=Equals("preemption.handle_signals", True)),
+)
+
+GROUP_DOCS: Mapping[str, str] = {
+    "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, eval cadence.",
+    "student": "The model being trained.",
+    "teachers[i]": "Each entry of `teachers`, a group built by `teacher_config(**overrides)`. On the command "
+    "line: `'--config.teachers[0].path=...'` (quoted: `[0]` is a glob pattern to the shell).",
+    "teacher": "Retired: the single teacher of earlier versions. Any value but `None` is refused with "
+    "a message naming its new place; a config without the group is fine.",
+    "data": "Prompt files (JSONL or Parquet: `prompt` or `messages`, `answer` or the verl layout).",
+    "rollout": "How the student samples its responses.",
+    "loss": "The distillation loss.",
+    "optimizer": "AdamW with global-norm clipping.",
+    "effopd": "EffOPD: extrapolated updates scored on a validation set.",
+    "eval": "Evaluation on `data.eval_files`.",
+    "mesh": "Device mesh; at most one axis may be -1.",
+    "monitor": "Foresight metrics of the weight updates.",
+    "preemption": "SIGTERM / SIGINT: finish the current step, checkpoint, wait for the save, exit 0.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules across fields. Each reads checked values ({field name: value}; a teacher is a dict of
+# its own) and returns what is wrong, or None.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossRule:
+    """A rule over several fields; ``field`` is the one its message names."""
+
+    field: str
+    doc: str
+    violation: Callable[[Mapping[str, Any]], str | None]
+
+
+def _one_teacher(values: Mapping[str, Any]) -> str | None:
+    count = len(values["teachers"])
+    if count == 1:
+        return None
+    names = [teacher["name"] for teacher in values["teachers"]]
+    return f"exactly one teacher is supported for now (several come later), got {count}: {names}"
+
+
+def _effopd_has_val_files(values: Mapping[str, Any]) -> str | None:
+    if values["effopd.enabled"] and not values["effopd.val_files"]:
+        return "EffOPD scores its candidates on a validation set: set it, or effopd.enabled=False"
+    return None
+
+
+def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
+    free = [axis for axis in ("data", "fsdp", "tensor") if values[f"mesh.{axis}"] == -1]
+    if len(free) > 1:
+        return f"at most one axis may be -1 (take the devices left), got {free}"
+    return None
+
+
+CROSS_RULES: tuple[CrossRule, ...] = (
+    CrossRule("teachers", "exactly one teacher for now (several come with a later version)", _one_teacher),
+    CrossRule("effopd.val_files", "`effopd.enabled` needs a non-empty `effopd.val_files`", _effopd_has_val_files),
+    CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived: defaults, validation, reference
+# ---------------------------------------------------------------------------------------------
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field the trainer reads, with its default. See the README for what each does."""
+    """Every field the trainer reads, at its default (see ``docs/config.md``)."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 100
-    c.checkpoint_every = 50
-    c.keep_checkpoints = 3
-    c.eval_every = 0  # 0: only at the end
-    c.log_every = 1
-    c.export_hf = True  # write the final student as HF safetensors to WORKDIR/hf
-    c.max_consecutive_skips = 10  # non-finite loss/grad skips in a row before the run stops
-
-    # Models. `path` is an HF directory (config.json + safetensors). `init_from` (optional)
-    # overrides the student's initial weights: an HF directory or an orbax params checkpoint.
-    c.student = ml_collections.ConfigDict(
-        dict(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=False, remat="none")
-    )
-    c.teacher = ml_collections.ConfigDict(
-        dict(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=False, tokenizer="")
-    )
-    c.init_from = ""
-    c.tokenizer = ""  # default: the student's path
-
-    c.data = ml_collections.ConfigDict(
-        dict(
-            train_files=(),
-            eval_files=(),
-            prompts_per_step=8,
-            max_prompt_length=256,
-            shuffle=True,
-            num_epochs=0,  # 0: as many as total_steps needs
-            chat_template_kwargs={"enable_thinking": False},
-            on_bad_row="skip",
-            max_eval_prompts=0,  # 0: all
-        )
-    )
-    c.rollout = ml_collections.ConfigDict(
-        dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
-    )
-    c.loss = ml_collections.ConfigDict(
-        dict(
-            name="sampled_token",
-            aggregation="seq-mean-token-mean",
-            reward_scale=1.0,  # G-OPD lambda; != 1 needs base_path
-            base_path="",  # G-OPD reference pi_B (default: the initial student when reward_scale != 1)
-            is_threshold=5.0,
-            topk=64,
-            chunk_size=512,
-        )
-    )
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-6,
-            schedule="constant",
-            warmup_steps=0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            grad_clip=1.0,
-        )
-    )
-    c.effopd = ml_collections.ConfigDict(
-        dict(
-            enabled=False,
-            max_candidates=5,
-            trigger="pow2",
-            val_files=(),
-            val_max_prompts=64,
-            val_max_new_tokens=0,  # 0: rollout.max_new_tokens
-            val_temperature=1.0,
-        )
-    )
-    c.eval = ml_collections.ConfigDict(dict(samples_per_prompt=1, temperature=1.0, max_new_tokens=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.monitor = ml_collections.ConfigDict(dict(every=0, k=8))
-    # SIGTERM / SIGINT: finish the current step, checkpoint, wait for the save, exit 0. If that
-    # takes longer than `grace_seconds` the process exits with code 1 instead (the last complete
-    # checkpoint stays valid); set it below the scheduler's kill timeout (e.g. 30 s on GCE spot).
-    c.preemption = ml_collections.ConfigDict(dict(handle_signals=True, grace_seconds=120.0))
+    for field in FIELDS:
+        *groups, leaf = field.name.split(".")
+        node = c
+        for group in groups:
+            if group not in node:
+                node[group] = ml_collections.ConfigDict()
+            node = node[group]
+        if isinstance(field.kind, Retired):
+            # A typed None, so that --config.teacher.path=... still parses and meets the migration message.
+            node[leaf] = ml_collections.config_dict.placeholder(field.kind.placeholder_type)
+        else:
+            node[leaf] = copy.deepcopy(field.default)
     return c
 
 
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"config.{field}: {message}")
-
-
-def _show(value: Any) -> str:
-    """``repr`` of a config value, shortened so an error message stays one readable line."""
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001  (a ConfigDict with mixed key types cannot even print itself)
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _get(c: ml_collections.ConfigDict, field: str) -> Any:
-    """The value at dotted ``field``; a missing field (or a group that is not a group) is refused."""
-    value: Any = c
-    for depth, part in enumerate(field.split(".")):
-        if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
-            group = ".".join(field.split(".")[:depth])
-            raise ValueError(f"config.{group}: must be a group of settings, got {_show(value)}")
-        if part not in value:
-            raise ValueError(f"config.{field}: missing")
-        value = value[part]
-    return value
-
-
-def _int(c: ml_collections.ConfigDict, field: str, low: int, high: int = MAX_INT, *, also: tuple = ()) -> Any:
-    """An int (not a bool) in ``[low, high]``, or one of the special values ``also``."""
-    value = _get(c, field)
-    # Compared by type as well, so that -1.0 or True never pass for -1 or 1.
-    if any(type(value) is type(special) and value == special for special in also):
-        return value
-    allowed = f"an int in [{low}, {high}]" + (f" or one of {also}" if also else "")
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    _require(is_int and low <= value <= high, field, f"must be {allowed}, got {type(value).__name__} {_show(value)}")
-    return int(value)
-
-
-def _float(
-    c: ml_collections.ConfigDict,
-    field: str,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """A finite real number (an int is fine, a bool is not) in the given interval."""
-    value = _get(c, field)
-    if value is None and allow_none:
-        return None
-    _require(
-        isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)),
-        field,
-        f"must be a number, got {type(value).__name__} {_show(value)}",
-    )
-    try:
-        value = float(value)
-    except OverflowError:  # an int too large for a float
-        value = math.inf
-    # Written so that NaN fails: every comparison with NaN is False.
-    in_range = (
-        math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high)
-    )
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    _require(in_range, field, f"must be finite and in {interval}, got {value}")
-    return value
-
-
-def _bool(c: ml_collections.ConfigDict, field: str) -> bool:
-    value = _get(c, field)
-    _require(isinstance(value, (bool, np.bool_)), field, f"must be True or False, got {_show(value)}")
-    return bool(value)
-
-
-def _choice(c: ml_collections.ConfigDict, field: str, choices: Sequence[str]) -> str:
-    value = _get(c, field)
-    _require(isinstance(value, str) and value in choices, field, f"must be one of {tuple(choices)}, got {_show(value)}")
-    return value
-
-
-def _str(c: ml_collections.ConfigDict, field: str) -> str:
-    value = _get(c, field)
-    _require(isinstance(value, str), field, f"must be a string, got {type(value).__name__} {_show(value)}")
-    return value
-
-
-def _optional_path(c: ml_collections.ConfigDict, field: str, *, directory: bool) -> str:
-    """``""`` (not set) or an existing directory (``directory``) / path."""
-    path = _str(c, field)
-    if path:
-        exists = os.path.isdir(path) if directory else os.path.exists(path)
-        _require(exists, field, f"no such {'directory' if directory else 'path'}: {path!r}")
-    return path
-
-
-def _files(c: ml_collections.ConfigDict, field: str) -> tuple[str, ...]:
-    """A tuple/list of existing ``.jsonl`` / ``.parquet`` files (a bare string is refused: it is
-    not a list of one file but a sequence of characters)."""
-    value = _get(c, field)
-    _require(
-        isinstance(value, (tuple, list)),
-        field,
-        f"must be a tuple of file paths, got {type(value).__name__} {_show(value)}",
-    )
-    for path in value:
-        _require(isinstance(path, str), field, f"every entry must be a path string, got {_show(path)}")
-        _require(os.path.isfile(path), field, f"no such file: {path!r}")
-        suffix = os.path.splitext(path)[1].lower()
-        _require(suffix in PROMPT_FILE_SUFFIXES, field, f"{path!r}: file type must be one of {PROMPT_FILE_SUFFIXES}")
-    return tuple(value)
-
-
 def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Checks every field's type and range, the enums, and that the named files exist.
+    """Checks every field against the schema, then the rules across fields.
 
-    Runs before anything is loaded or compiled. Integers must be ints (not bools or floats) and
-    fit in int32 (the seed: uint32); floats must be real numbers (ints are fine), finite, and in range (NaN fails
-    every check); paths must exist. Raises ValueError whose message starts ``config.<field>:``.
+    Runs before anything is loaded or compiled. Integers must be ints (not bools or floats) within
+    their range (at most int32; the seeds uint32); floats real numbers (ints are fine), finite and
+    in range (NaN fails every check); paths must exist; unknown keys are refused, in every group and
+    teacher; a field its mode does not use (``applies_when``) must stay at its default. The one
+    normalisation: a digit string in ``effopd.trigger`` (what the command line delivers) is
+    replaced by its int, in place.
+
+    Raises:
+      ValueError: the message starts ``config.<field>: `` (``config.teachers[0].path: ``).
     """
-    from effopd_jax.models.qwen import REMAT_POLICIES  # noqa: PLC0415  (keeps this module light)
+    if not is_group(c):
+        raise ValueError(f"config: must be a ConfigDict, got {show(c)}")
+    values = check_settings(c, FIELDS)
+    for rule in CROSS_RULES:
+        problem = rule.violation(values)
+        if problem:
+            raise ValueError(f"config.{rule.field}: {problem}")
 
-    _int(c, "seed", 0, 2**32 - 1)
-    _int(c, "total_steps", 1)
-    _int(c, "checkpoint_every", 1)
-    _int(c, "keep_checkpoints", 1)
-    _int(c, "eval_every", 0)
-    _int(c, "log_every", 1)
-    _bool(c, "export_hf")
-    _int(c, "max_consecutive_skips", 1)
-    _bool(c, "preemption.handle_signals")
-    _float(c, "preemption.grace_seconds", low=0.0, low_open=True)
 
-    for role in ("student", "teacher"):
-        path = _str(c, f"{role}.path")
-        _require(bool(path), f"{role}.path", "is required (an HF checkpoint directory)")
-        _require(os.path.isdir(path), f"{role}.path", f"no such directory: {path!r}")
-        _require(
-            os.path.exists(os.path.join(path, "config.json")), f"{role}.path", f"{path!r} has no config.json"
-        )
-        _choice(c, f"{role}.param_dtype", DTYPES)
-        _choice(c, f"{role}.compute_dtype", DTYPES)
-        _bool(c, f"{role}.scan_layers")
-    _choice(c, "student.remat", REMAT_POLICIES)
-    _optional_path(c, "teacher.tokenizer", directory=True)
-    _optional_path(c, "init_from", directory=False)
-    _optional_path(c, "tokenizer", directory=True)
+def markdown_reference() -> str:
+    """``docs/config.md``: every field, by group, and the rules across fields."""
+    sections = [
+        "# Configuration reference",
+        "",
+        "Generated from the schema in `effopd_jax/config.py` by `python -m effopd_jax.config --markdown`;"
+        " do not edit by hand (`tests/test_config.py` checks that this file is current).",
+        "",
+        "Experiment files in `configs/` start from `default_config()` and override fields; any field"
+        " can also be overridden on the command line (`--config.loss.name=topk_reverse_kl`)."
+        " `validate_config()` refuses, before anything loads or compiles and with a message naming the"
+        " field: unknown keys, ints that are bools / floats / out of range, non-finite floats, missing"
+        " paths, and a setting the chosen mode ignores (\"used when\" does not hold) at anything but"
+        " its default.",
+    ]
+    groups: dict[str, list[Field]] = {}
+    for field in FIELDS:
+        groups.setdefault(field.group, []).append(field)
+    for group, fields in groups.items():
+        title = f"`{group}`" if group else "Top level"
+        sections += ["", f"## {title}", "", GROUP_DOCS[group], "", markdown_table(fields)]
+        if group == "student":  # then the other models: the teachers
+            sections += ["", "## `teachers[i]`", "", GROUP_DOCS["teachers[i]"], "",
+                         markdown_table(TEACHER_FIELDS, prefix="teachers[i].")]
+    sections += ["", "## Rules across fields", ""]
+    sections += [f"- `{rule.field}`: {rule.doc}" for rule in CROSS_RULES]
+    return "\n".join(sections) + "\n"
 
-    _require(len(_files(c, "data.train_files")) > 0, "data.train_files", "needs at least one file")
-    _files(c, "data.eval_files")
-    _int(c, "data.prompts_per_step", 1)
-    _int(c, "data.max_prompt_length", 1)
-    _bool(c, "data.shuffle")
-    _int(c, "data.num_epochs", 0)
-    kwargs = _get(c, "data.chat_template_kwargs")
-    try:
-        # A ConfigDict sorts its keys to list them, which fails (TypeError) on mixed key types.
-        names = list(kwargs.keys()) if isinstance(kwargs, CHAT_TEMPLATE_KWARGS_TYPES) else None
-    except TypeError:
-        names = None
-    _require(
-        names is not None and all(isinstance(name, str) for name in names),
-        "data.chat_template_kwargs",
-        f"must be a mapping of template variable names (strings) to values, got {_show(kwargs)}",
-    )
-    _choice(c, "data.on_bad_row", ("skip", "raise"))
-    _int(c, "data.max_eval_prompts", 0)
 
-    _int(c, "rollout.max_new_tokens", 1)
-    _float(c, "rollout.temperature", low=0.0)
-    _int(c, "rollout.top_k", 0)
-    _float(c, "rollout.top_p", low=0.0, high=1.0, low_open=True)
-    _int(c, "rollout.samples_per_prompt", 1)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the reference (docs/config.md)")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_reference(), end="")
+    else:
+        parser.print_help()
 
-    _choice(c, "loss.name", LOSSES)
-    _choice(c, "loss.aggregation", AGGREGATIONS)
-    _float(c, "loss.reward_scale")
-    _optional_path(c, "loss.base_path", directory=False)
-    _float(c, "loss.is_threshold", low=0.0, low_open=True, allow_none=True)
-    _int(c, "loss.topk", 1)
-    _int(c, "loss.chunk_size", 1)
 
-    _float(c, "optimizer.learning_rate", low=0.0, low_open=True)
-    _choice(c, "optimizer.schedule", SCHEDULES)
-    _int(c, "optimizer.warmup_steps", 0)
-    _float(c, "optimizer.b1", low=0.0, high=1.0, high_open=True)
-    _float(c, "optimizer.b2", low=0.0, high=1.0, high_open=True)
-    _float(c, "optimizer.eps", low=0.0, low_open=True)
-    _float(c, "optimizer.weight_decay", low=0.0)
-    _float(c, "optimizer.grad_clip", low=0.0, low_open=True)
-
-    enabled = _bool(c, "effopd.enabled")
-    _int(c, "effopd.max_candidates", 1)
-    _int(c, "effopd.trigger", 1, also=("pow2",))
-    val_files = _files(c, "effopd.val_files")
-    if enabled:
-        _require(len(val_files) > 0, "effopd.val_files", "EffOPD scores candidates on a validation set")
-    _int(c, "effopd.val_max_prompts", 0)
-    _int(c, "effopd.val_max_new_tokens", 0)
-    _float(c, "effopd.val_temperature", low=0.0)
-
-    _int(c, "eval.samples_per_prompt", 1)
-    _float(c, "eval.temperature", low=0.0)
-    _int(c, "eval.max_new_tokens", 0)
-
-    for axis in ("data", "fsdp", "tensor"):
-        _int(c, f"mesh.{axis}", 1, also=(-1,))
-
-    _int(c, "monitor.every", 0)
-    _int(c, "monitor.k", 1)
+if __name__ == "__main__":
+    main()

@@ -6,13 +6,16 @@ The data reader and the config check may only fail with their documented errors:
   rows (checked against an oracle written here from the documented rules), counts the rest, and
   raises ValueError only when nothing is left; with ``on_bad_row="raise"`` it raises ValueError
   naming ``file:line`` of the first malformed row.
-* :func:`effopd_jax.config.validate_config` either accepts a mutated config (and then every
-  mutated value is in range by the independent table below) or raises ValueError naming a
-  mutated field.
+* :func:`effopd_jax.config.validate_config` accepts a mutated config exactly when this file's own
+  reading of the documented rules (what each kind of field allows, when a field applies, the
+  rules across fields) finds nothing wrong, and otherwise raises ValueError naming a field that
+  reading finds wrong.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effopd_jax import config as config_lib
+from effopd_jax import config_schema as schema
 from effopd_jax import data
 from tests.helpers_tiny import QWEN3_TOKENIZER_DIR
 
@@ -534,6 +538,11 @@ def test_a_damaged_parquet_file_is_refused_naming_it(tokenizer, cut):
 # ---------------------------------------------------------------------------------------------
 # Config validation: random mutations of a valid config
 # ---------------------------------------------------------------------------------------------
+# Which fields exist, of which kind, with which bounds and when they apply comes from the schema
+# (config_lib.FIELDS, config_lib.TEACHER_FIELDS, kinds and conditions as data). What a kind
+# *means* ("an int in [low, high]", "an existing prompt file"), how a condition is evaluated,
+# and the rules across fields are written here again, from the documentation, so that the test
+# checks validate_config against an independent reading rather than against itself.
 
 
 def _real(value) -> float | None:
@@ -546,169 +555,321 @@ def _real(value) -> float | None:
         return math.inf
 
 
-def _int_in(low: int, high: int = 2**31 - 1, also=()):
-    return lambda v: (type(v) is int and low <= v <= high) or any(type(v) is type(a) and v == a for a in also)
+def _digits(value) -> bool:
+    return type(value) is str and value.isascii() and value.isdigit() and len(value) < 100
 
 
-def _real_in(low=-math.inf, high=math.inf, low_open=False, high_open=False, allow_none=False):
-    def check(v):
-        if v is None:
-            return allow_none
-        x = _real(v)
-        if x is None or not math.isfinite(x):
-            return False
-        return (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-
-    return check
+def _int_ok(kind: schema.Int, value) -> bool:
+    if any(type(value) is type(special) and value == special for special in kind.special):
+        return True
+    if kind.digit_strings and _digits(value):
+        value = int(value)
+    return type(value) is int and kind.low <= value <= kind.high
 
 
-def _one_of(*choices):
-    return lambda v: type(v) is str and v in choices
+def _real_ok(kind: schema.Real, value) -> bool:
+    if value is None:
+        return kind.none_ok
+    x = _real(value)
+    if x is None or not math.isfinite(x):
+        return False
+    return (x > kind.low if kind.low_open else x >= kind.low) and (x < kind.high if kind.high_open else x <= kind.high)
 
 
-def _is_bool(v):
-    return type(v) is bool
+def _model_path_ok(value, config_file_ok: bool) -> bool:
+    if type(value) is not str or not value:
+        return False
+    if os.path.isdir(value):
+        return os.path.isfile(os.path.join(value, "config.json"))
+    return config_file_ok and os.path.isfile(value) and value.lower().endswith(".json")
 
 
-def _model_dir(v):
-    return type(v) is str and os.path.isdir(v) and os.path.isfile(os.path.join(v, "config.json"))
+def _prompt_files_ok(kind: schema.PromptFiles, value) -> bool:
+    return (
+        type(value) in (tuple, list)
+        and len(value) >= kind.min_count
+        and all(type(p) is str and os.path.isfile(p) and p.lower().endswith(kind.suffixes) for p in value)
+    )
 
 
-def _optional_dir(v):
-    return type(v) is str and (v == "" or os.path.isdir(v))
-
-
-def _optional_path(v):
-    return type(v) is str and (v == "" or os.path.exists(v))
-
-
-def _prompt_files(min_count: int):
-    def check(v):
-        return (
-            type(v) in (tuple, list)
-            and len(v) >= min_count
-            and all(type(p) is str and os.path.isfile(p) and p.lower().endswith((".jsonl", ".parquet")) for p in v)
-        )
-
-    return check
-
-
-def _template_kwargs(v):
-    if not isinstance(v, (dict, ml_collections.ConfigDict)):
+def _str_keyed_ok(value) -> bool:
+    if not isinstance(value, (dict, ml_collections.ConfigDict)):
         return False
     try:
-        return all(type(k) is str for k in v.keys())
+        return all(type(k) is str for k in value.keys())
     except TypeError:  # a ConfigDict with mixed key types cannot list its keys
         return False
 
 
-# Every field of default_config() and what the documentation allows for it.
-FIELD_SPECS = {
-    "seed": _int_in(0, 2**32 - 1),
-    "total_steps": _int_in(1),
-    "checkpoint_every": _int_in(1),
-    "keep_checkpoints": _int_in(1),
-    "eval_every": _int_in(0),
-    "log_every": _int_in(1),
-    "export_hf": _is_bool,
-    "max_consecutive_skips": _int_in(1),
-    "student.path": _model_dir,
-    "student.param_dtype": _one_of("float32", "bfloat16", "float16"),
-    "student.compute_dtype": _one_of("float32", "bfloat16", "float16"),
-    "student.scan_layers": _is_bool,
-    "student.remat": _one_of("none", "full", "dots", "dots_no_batch"),
-    "teacher.path": _model_dir,
-    "teacher.param_dtype": _one_of("float32", "bfloat16", "float16"),
-    "teacher.compute_dtype": _one_of("float32", "bfloat16", "float16"),
-    "teacher.scan_layers": _is_bool,
-    "teacher.tokenizer": _optional_dir,
-    "init_from": _optional_path,
-    "tokenizer": _optional_dir,
-    "data.train_files": _prompt_files(1),
-    "data.eval_files": _prompt_files(0),
-    "data.prompts_per_step": _int_in(1),
-    "data.max_prompt_length": _int_in(1),
-    "data.shuffle": _is_bool,
-    "data.num_epochs": _int_in(0),
-    "data.chat_template_kwargs": _template_kwargs,
-    "data.on_bad_row": _one_of("skip", "raise"),
-    "data.max_eval_prompts": _int_in(0),
-    "rollout.max_new_tokens": _int_in(1),
-    "rollout.temperature": _real_in(0.0),
-    "rollout.top_k": _int_in(0),
-    "rollout.top_p": _real_in(0.0, 1.0, low_open=True),
-    "rollout.samples_per_prompt": _int_in(1),
-    "loss.name": _one_of("sampled_token", "full_reverse_kl", "topk_reverse_kl"),
-    "loss.aggregation": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-    "loss.reward_scale": _real_in(),
-    "loss.base_path": _optional_path,
-    "loss.is_threshold": _real_in(0.0, low_open=True, allow_none=True),
-    "loss.topk": _int_in(1),
-    "loss.chunk_size": _int_in(1),
-    "optimizer.learning_rate": _real_in(0.0, low_open=True),
-    "optimizer.schedule": _one_of("constant", "cosine", "linear"),
-    "optimizer.warmup_steps": _int_in(0),
-    "optimizer.b1": _real_in(0.0, 1.0, high_open=True),
-    "optimizer.b2": _real_in(0.0, 1.0, high_open=True),
-    "optimizer.eps": _real_in(0.0, low_open=True),
-    "optimizer.weight_decay": _real_in(0.0),
-    "optimizer.grad_clip": _real_in(0.0, low_open=True),
-    "effopd.enabled": _is_bool,
-    "effopd.max_candidates": _int_in(1),
-    "effopd.trigger": _int_in(1, also=("pow2",)),
-    "effopd.val_files": _prompt_files(0),
-    "effopd.val_max_prompts": _int_in(0),
-    "effopd.val_max_new_tokens": _int_in(0),
-    "effopd.val_temperature": _real_in(0.0),
-    "eval.samples_per_prompt": _int_in(1),
-    "eval.temperature": _real_in(0.0),
-    "eval.max_new_tokens": _int_in(0),
-    "mesh.data": _int_in(1, also=(-1,)),
-    "mesh.fsdp": _int_in(1, also=(-1,)),
-    "mesh.tensor": _int_in(1, also=(-1,)),
-    "monitor.every": _int_in(0),
-    "monitor.k": _int_in(1),
-    "preemption.handle_signals": _is_bool,
-    "preemption.grace_seconds": _real_in(0.0, low_open=True),
-}
-GROUPS = sorted({field.split(".")[0] for field in FIELD_SPECS if "." in field})
+def _holds(condition, values: dict) -> bool | None:
+    """The condition over checked values; None when a field it reads is not valid itself."""
+    if not all(name in values for name in condition.fields):
+        return None
+    if isinstance(condition, schema.AllOf):
+        return all(_holds(part, values) for part in condition.conditions)
+    value = values[condition.field]
+    if isinstance(condition, schema.Equals):
+        return value == condition.value
+    if isinstance(condition, schema.NotEquals):
+        return value != condition.value
+    if isinstance(condition, schema.Greater):
+        return value > condition.value
+    if isinstance(condition, schema.NonEmpty):
+        return len(value) > 0
+    raise AssertionError(f"a condition this test does not know: {condition}")
 
 
-def _leaf_fields(tree: dict, prefix: str = "") -> list[str]:
-    fields = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and f"{prefix}{key}" != "data.chat_template_kwargs":
-            fields += _leaf_fields(value, f"{prefix}{key}.")
+def _value_ok(kind, value, values: dict) -> bool | None:
+    """Whether ``value`` is allowed by ``kind`` (None: cannot tell, a field it depends on is bad)."""
+    if isinstance(kind, schema.Int):
+        return _int_ok(kind, value)
+    if isinstance(kind, schema.Real):
+        return _real_ok(kind, value)
+    if isinstance(kind, schema.Bool):
+        return type(value) is bool
+    if isinstance(kind, schema.Choice):
+        return type(value) is str and value in kind.choices
+    if isinstance(kind, schema.Identifier):
+        return type(value) is str and value.isascii() and value.isidentifier()
+    if isinstance(kind, schema.OptionalPath):
+        exists = os.path.isdir if kind.directory else os.path.exists
+        return type(value) is str and (value == "" or exists(value))
+    if isinstance(kind, schema.ModelPath):
+        config_file_ok = _holds(kind.config_file_when, values)
+        return None if config_file_ok is None else _model_path_ok(value, config_file_ok)
+    if isinstance(kind, schema.PromptFiles):
+        return _prompt_files_ok(kind, value)
+    if isinstance(kind, schema.StrKeyedMapping):
+        return _str_keyed_ok(value)
+    if isinstance(kind, schema.Retired):
+        return value is None
+    raise AssertionError(f"a kind this test does not know: {kind}")
+
+
+def _canonical(kind, value):
+    """How the documentation compares a value with a default: digit strings as ints, lists as tuples."""
+    if isinstance(kind, schema.Int) and kind.digit_strings and _digits(value):
+        return int(value)
+    return tuple(value) if type(value) in (list, tuple) else value
+
+
+def _path_parts(path: str) -> list:
+    """``"teachers[0].path"`` -> ``["teachers", 0, "path"]``."""
+    return [int(index) if index else name for name, index in re.findall(r"(\w+)|\[(\d+)\]", path)]
+
+
+def _key_name(where: str, key) -> str:
+    """How a message names a key (identifiers with a dot, anything else by repr in brackets)."""
+    name = f"[{key!r}]" if not (type(key) is str and key.isascii() and key.isidentifier()) else f".{key}"
+    return (where + name).lstrip(".")
+
+
+def _find(node, name: str) -> tuple[str, object]:
+    """("found", value), ("missing", None), or ("not a group", the group in the way)."""
+    parts = name.split(".")
+    for depth, part in enumerate(parts):
+        if part not in node:
+            return "missing", None
+        node = node[part]
+        if depth < len(parts) - 1 and not isinstance(node, dict):
+            return "not a group", ".".join(parts[: depth + 1])
+    return "found", node
+
+
+def _problems(node, fields, prefix: str = "") -> tuple[set[str], dict]:
+    """(Every field this test's reading of the documentation finds wrong, {field: valid value})."""
+    problems: set[str] = set()
+    if not isinstance(node, (dict, ml_collections.ConfigDict)):
+        return {prefix.rstrip(".")}, {}
+    known: dict = {}
+    for field in fields:
+        parts = field.name.split(".")
+        for depth in range(len(parts)):
+            known.setdefault(".".join(parts[:depth]), set()).add(parts[depth])
+
+    def unknown_keys(group: dict, where: str) -> None:
+        for key in list(group.keys()) if isinstance(group, dict) else []:
+            path = f"{where}.{key}".lstrip(".") if type(key) is str else None
+            if path is None or key not in known.get(where, set()):
+                problems.add(_key_name(prefix.rstrip(".") + ("." + where if where else ""), key))
+            elif path in known and isinstance(group[key], dict):
+                unknown_keys(group[key], path)
+
+    unknown_keys(node, "")
+    values: dict = {}
+    for field in fields:
+        found, value = _find(node, field.name)
+        if found == "not a group":
+            problems.add(prefix + value)
+        elif found == "missing":
+            if not isinstance(field.kind, schema.Retired):  # a retired field may be left out
+                problems.add(prefix + field.name)
+        elif isinstance(field.kind, schema.Entries):
+            entry_problems, entries = _entries_problems(field.kind, value, prefix + field.name)
+            problems |= entry_problems
+            if entries is not None:
+                values[field.name] = entries
         else:
-            fields.append(f"{prefix}{key}")
-    return fields
+            ok = _value_ok(field.kind, value, values)
+            if ok:
+                values[field.name] = _canonical(field.kind, value)
+            elif ok is False:
+                problems.add(prefix + field.name)
+    for field in fields:  # a setting its mode ignores must stay at its default
+        condition = field.applies_when
+        if condition is None or field.name not in values or _holds(condition, values) in (True, None):
+            continue
+        if values[field.name] != _canonical(field.kind, field.default):
+            problems.add(prefix + field.name)
+    return problems, values
+
+
+def _entries_problems(kind: schema.Entries, value, where: str) -> tuple[set[str], list | None]:
+    """Problems of a tuple of teacher groups, and the checked entries (None if any is bad)."""
+    if type(value) not in (list, tuple) or len(value) < kind.min_count:
+        return {where}, None
+    problems: set[str] = set()
+    entries = []
+    for index, entry in enumerate(value):
+        entry_problems, entry_values = _problems(entry, kind.fields, f"{where}[{index}].")
+        problems |= entry_problems
+        entries.append(entry_values)
+    names = [entry.get(kind.unique) for entry in entries]
+    for index, name in enumerate(names):
+        if name is not None and name in names[:index]:
+            problems.add(f"{where}[{index}].{kind.unique}")
+    return problems, (None if problems else entries)
+
+
+def _cross_rule_problems(values: dict) -> set[str]:
+    """The documented rules across fields, each applied once the fields it reads are valid."""
+    problems = set()
+    if "teachers" in values and len(values["teachers"]) != 1:
+        problems.add("teachers")  # exactly one teacher, for now
+    if {"effopd.enabled", "effopd.val_files"} <= set(values):
+        if values["effopd.enabled"] and not values["effopd.val_files"]:
+            problems.add("effopd.val_files")
+    axes = [values.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")]
+    if None not in axes and axes.count(-1) > 1:
+        problems.add("mesh")
+    return problems
+
+
+def _expected_problems(tree: dict) -> set[str]:
+    problems, values = _problems(tree, config_lib.FIELDS)
+    return problems | _cross_rule_problems(values)
+
+
+def _names_one_of(named: str, problems: set[str]) -> bool:
+    """``named`` is a problem, or a field inside (or the group around) one."""
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
+
+    return any(inside(named, p) or inside(p, named) for p in problems)
+
+
+def _plain(value):
+    """A config as plain dicts (teacher entries included, as a list) that the test can mutate."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple) and value and isinstance(value[0], ml_collections.ConfigDict):
+        return [_plain(item) for item in value]
+    return value
+
+
+DELETE = object()
+
+
+def _apply(tree: dict, path: str, value) -> None:
+    """Sets (or with DELETE removes) ``path`` in ``tree``; a no-op if a group on the way is gone."""
+    *parents, leaf = _path_parts(path)
+    for part in parents:
+        if isinstance(part, int):
+            if not isinstance(tree, list) or part >= len(tree):
+                return
+        elif not isinstance(tree, dict) or part not in tree:
+            return
+        tree = tree[part]
+    if isinstance(tree, dict) and isinstance(leaf, str):
+        if value is DELETE:
+            tree.pop(leaf, None)
+        else:
+            tree[leaf] = value
+    elif isinstance(tree, list) and isinstance(leaf, int) and leaf < len(tree):
+        if value is DELETE:
+            del tree[leaf]
+        else:
+            tree[leaf] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    model: str  # an HF model directory (config.json only)
+    config_file: str  # that config.json
+    prompts: str  # a prompt file
+    root: str  # a directory that is not a model
 
 
 @pytest.fixture(scope="module")
-def valid_config(tmp_path_factory):
-    """default_config() with real paths: a model directory (config.json only) and a prompt file."""
+def paths(tmp_path_factory) -> Paths:
     root = tmp_path_factory.mktemp("cfg")
     model = root / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
     prompts = root / "prompts.jsonl"
     prompts.write_text(GOOD.decode() + "\n")
-    c = config_lib.default_config()
-    c.student.path = c.teacher.path = str(model)
-    c.data.train_files = (str(prompts),)
-    c.effopd.val_files = (str(prompts),)
-    config_lib.validate_config(c)
-    assert sorted(_leaf_fields(c.to_dict())) == sorted(FIELD_SPECS), "FIELD_SPECS must list every field"
-    return c, str(model), str(prompts), str(root)
+    return Paths(str(model), str(model / "config.json"), str(prompts), str(root))
 
 
-def _values(model: str, prompts: str, root: str):
+def _base_configs(p: Paths) -> list[ml_collections.ConfigDict]:
+    """Valid configs whose modes differ, so that different fields are used (or ignored) in each."""
+    effopd = config_lib.default_config()
+    effopd.student.path = effopd.teachers[0].path = p.model
+    effopd.data.train_files = (p.prompts,)
+    effopd.effopd.update(enabled=True, val_files=(p.prompts,))
+
+    every_mode = config_lib.default_config()
+    every_mode.student.update(init="random", path=p.config_file, init_seed=3)
+    every_mode.teachers = (config_lib.teacher_config(name="big", init="random", path=p.model, init_seed=4),)
+    every_mode.data.update(train_files=(p.prompts,), eval_files=(p.prompts,), max_eval_prompts=2)
+    every_mode.eval_every = 2
+    every_mode.eval.update(samples_per_prompt=4, temperature=0.5, max_new_tokens=8)
+    every_mode.loss.update(name="topk_reverse_kl", topk=16)
+    every_mode.rollout.update(temperature=0.0)
+    every_mode.monitor.update(every=2, k=4)
+    every_mode.preemption.update(handle_signals=False)
+
+    g_opd = config_lib.default_config()
+    g_opd.student.path = g_opd.teachers[0].path = p.model
+    g_opd.teachers[0].tokenizer = p.root
+    g_opd.data.train_files = (p.prompts,)
+    g_opd.update(init_from=p.model, tokenizer=p.root)
+    g_opd.loss.update(reward_scale=1.25, base_path=p.model, is_threshold=None)
+    g_opd.rollout.update(top_k=5, top_p=0.9)
+    g_opd.mesh.update(data=1, fsdp=-1)
+    return [effopd, every_mode, g_opd]
+
+
+@pytest.fixture(scope="module")
+def base_trees(paths) -> list[dict]:
+    trees = []
+    for config in _base_configs(paths):
+        config_lib.validate_config(config)
+        tree = _plain(config)
+        assert _expected_problems(tree) == set(), "this test's reading must accept what validate_config does"
+        trees.append(tree)
+    return trees
+
+
+def _any_values(p: Paths):
     """Random values of random types, plus the values that sit on the edges of the ranges."""
-    paths = st.sampled_from([model, prompts, root, "", ".", "/nonexistent/x.jsonl", prompts + ".txt"])
+    paths = st.sampled_from([p.model, p.config_file, p.prompts, p.root, "", ".", "/nonexistent/x.jsonl",
+                             p.prompts + ".txt"])
     edges = st.sampled_from(
         [0, 1, -1, 2, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 10**400, 0.0, -0.0, 0.5, 1.0, 1.5, -1.0, 1e-300,
-         math.nan, -math.nan, math.inf, -math.inf, True, False, None, "1", "nan", "pow2", "skip", "float32",
-         "bfloat16", "dots", "cosine", "token-mean", "topk_reverse_kl", [], (), {}]
+         math.nan, -math.nan, math.inf, -math.inf, True, False, None, "1", "4", "04", "0", "nan", "pow2", "skip",
+         "float32", "bfloat16", "dots", "cosine", "token-mean", "topk_reverse_kl", "random", "static", "t2",
+         [], (), {}]
     )
     return st.one_of(
         edges,
@@ -722,79 +883,109 @@ def _values(model: str, prompts: str, root: str):
     )
 
 
+def _plausible_values(kind, p: Paths):
+    """Values a user might mean for a field of this kind: mostly allowed, some just outside."""
+    if isinstance(kind, schema.Int):
+        numbers = [*kind.special, kind.low, kind.low + 1, kind.low + 7, kind.high, kind.low - 1, True, float(kind.low)]
+        return st.sampled_from((["3", "16", "0"] if kind.digit_strings else []) + numbers)
+    if isinstance(kind, schema.Real):
+        return st.sampled_from([0.0, 0.5, 1.0, 1.25, 2.0, 1e-3, None])
+    if isinstance(kind, schema.Bool):
+        return st.booleans()
+    if isinstance(kind, schema.Choice):
+        return st.sampled_from(kind.choices)
+    if isinstance(kind, schema.Identifier):
+        return st.sampled_from(["teacher", "t2", "_x", "1x", "a-b", "", "é"])
+    if isinstance(kind, (schema.OptionalPath, schema.ModelPath)):
+        return st.sampled_from([p.config_file, p.model, p.root, "", "/nonexistent"])
+    if isinstance(kind, schema.PromptFiles):
+        return st.sampled_from([(), (p.prompts,), [p.prompts], (p.prompts, p.prompts), (p.config_file,)])
+    if isinstance(kind, schema.StrKeyedMapping):
+        return st.sampled_from([{}, {"enable_thinking": True}])
+    if isinstance(kind, schema.Retired):
+        return st.sampled_from([None, p.model, True])
+    if isinstance(kind, schema.Entries):
+        good = {"name": "teacher", "init": "checkpoint", "path": p.model, "init_seed": 0, "param_dtype": "bfloat16",
+                "compute_dtype": "bfloat16", "scan_layers": False, "tokenizer": ""}
+        return st.sampled_from([
+            [good, {**good, "name": "t2"}], [good, good], (), [good], (good,), [{**good, "extra": 1}],
+            [{k: v for k, v in good.items() if k != "init"}], [config_lib.teacher_config(path=p.model)], "teacher",
+        ])
+    raise AssertionError(f"a kind this test does not know: {kind}")
+
+
+FIELD_TARGETS = [(field.name, field.kind) for field in config_lib.FIELDS] + [
+    (f"teachers[0].{field.name}", field.kind) for field in config_lib.TEACHER_FIELDS
+]
+
+def _rule_targets() -> list[tuple[str, object]]:
+    """The fields that conditions read or restrict: "applies when", and model paths (a config
+    .json file only with random init)."""
+    names = set()
+    for prefix, fields in (("", config_lib.FIELDS), ("teachers[0].", config_lib.TEACHER_FIELDS)):
+        for field in fields:
+            condition = field.kind.config_file_when if isinstance(field.kind, schema.ModelPath) else field.applies_when
+            if condition is not None:
+                names |= {prefix + field.name, *(prefix + name for name in condition.fields)}
+    return [(path, kind) for path, kind in FIELD_TARGETS if path in names]
+
+
+RULE_TARGETS = _rule_targets()
+# The fields the rules across fields name (or whose group they name).
+CROSS_TARGETS = [(field.name, field.kind) for field in config_lib.FIELDS
+                 if any(rule.field in (field.name, field.group) for rule in config_lib.CROSS_RULES)]
+GROUP_TARGETS = sorted({field.group for field in config_lib.FIELDS} - {""}) + ["teachers[0]"]
+UNKNOWN_TARGETS = ["extra", "data.extra", "teachers[0].extra", "teacher.init"]  # names the schema does not have
+
+
 @st.composite
-def mutations(draw, fields: list[str], values):
-    """``{field: value or DELETE}``; a field may also be a whole group."""
-    targets = draw(st.lists(st.sampled_from(fields + GROUPS), min_size=1, max_size=3, unique=True))
-    return {t: draw(st.just(DELETE) | values) for t in targets}
+def mutations(draw, p: Paths):
+    """``[(path, value or DELETE)]``: one to three fields, groups or unknown names.
 
-
-DELETE = object()
-
-
-def _apply(tree: dict, field: str, value) -> None:
-    *parents, leaf = field.split(".")
-    for name in parents:
-        if not isinstance(tree, dict) or name not in tree:
-            return  # the group itself was deleted or replaced by a value
-        tree = tree[name]
-    if not isinstance(tree, dict):
-        return
-    if value is DELETE:
-        tree.pop(leaf, None)
-    else:
-        tree[leaf] = value
-
-
-def _field_ok(field: str, value, mutated: dict) -> bool:
-    if value is DELETE:
-        return False
-    if field in GROUPS:  # a whole group replaced: fine only if every field in it stays fine
-        if not isinstance(value, dict):
-            return False
-        return all(f.split(".", 1)[1] in value and FIELD_SPECS[f](value[f.split(".", 1)[1]])
-                   for f in FIELD_SPECS if f.startswith(field + "."))
-    return FIELD_SPECS[field](value)
+    Mostly fields set to values a user might mean, often the fields that the rules across fields
+    and the "applies when" conditions involve (so that those refusals, and acceptances, are
+    frequent); also random values, deletions, whole groups and unknown names.
+    """
+    count = draw(st.sampled_from([1, 1, 2, 3]))  # one alone is never masked by another
+    chosen = {}
+    for _ in range(count):
+        pool = draw(st.sampled_from(["field"] * 3 + ["rule"] * 4 + ["cross"] * 2 + ["group", "unknown"]))
+        if pool == "group":  # replaced by anything, or deleted
+            chosen[draw(st.sampled_from(GROUP_TARGETS))] = draw(st.just(DELETE) | _any_values(p))
+        elif pool == "unknown":
+            chosen[draw(st.sampled_from(UNKNOWN_TARGETS))] = draw(_any_values(p))
+        else:
+            targets = {"field": FIELD_TARGETS, "rule": RULE_TARGETS, "cross": CROSS_TARGETS}[pool]
+            path, kind = draw(st.sampled_from(targets))
+            source = draw(st.sampled_from(["plausible"] * 6 + ["any"] * 3 + ["delete"]))
+            if source == "delete":
+                chosen[path] = DELETE
+            else:
+                chosen[path] = draw(_plausible_values(kind, p) if source == "plausible" else _any_values(p))
+    return list(chosen.items())
 
 
 @settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(data_=st.data())
-def test_random_config_mutations_fail_only_as_documented(valid_config, data_):
-    base, model, prompts, root = valid_config
-    tree = base.to_dict()
-    fields = _leaf_fields(tree)
-    mutated = data_.draw(mutations(fields, _values(model, prompts, root)))
-    # Groups first, so that a replaced group's own fields are not then re-set.
-    for field, value in sorted(mutated.items(), key=lambda kv: kv[0] not in GROUPS):
-        _apply(tree, field, value)
+def test_random_config_mutations_fail_only_as_documented(paths, base_trees, data_):
+    tree = copy.deepcopy(data_.draw(st.sampled_from(base_trees)))
+    mutated = data_.draw(mutations(paths))
+    # Shorter paths first, so that a replaced group's own fields are not then re-set.
+    for path, value in sorted(mutated, key=lambda m: len(_path_parts(m[0]))):
+        _apply(tree, path, copy.deepcopy(value))
+    expected = _expected_problems(tree)
     # type_safe=False: what a dict-built config or a hand-edited one can carry.
     config = ml_collections.ConfigDict(tree, type_safe=False)
-
-    def read(field):
-        node = config
-        for part in field.split("."):
-            node = node[part]
-        return node
-
-    fields_ok = all(_field_ok(f, v, mutated) for f, v in mutated.items())
-    # The one rule across fields: EffOPD needs a validation set.
-    cross_ok = True
-    if fields_ok and read("effopd.enabled") and not read("effopd.val_files"):
-        cross_ok = False
     try:
         config_lib.validate_config(config)
     except ValueError as e:
         message = str(e)
-        named = re.match(r"config\.([\w.]+):", message)
+        named = re.match(r"config\.(.+?): ", message)
         assert named, message
-        field = named.group(1)
-        assert not (fields_ok and cross_ok), f"refused a config whose mutated fields are all valid: {message}"
-        culprits = set(mutated)
-        if not cross_ok:
-            culprits.add("effopd.val_files")
-        assert any(field == m or field.startswith(m + ".") for m in culprits), (message, mutated)
+        assert expected, f"refused a config this test's reading accepts: {message}"
+        assert _names_one_of(named.group(1), expected), (message, expected, mutated)
     else:
-        assert fields_ok and cross_ok, f"accepted {mutated}"
+        assert not expected, f"accepted {mutated}, wrong by this test's reading: {expected}"
 
 
 @pytest.mark.parametrize(
@@ -813,44 +1004,137 @@ def test_random_config_mutations_fail_only_as_documented(valid_config, data_):
         ("rollout.top_p", math.nan),
         ("rollout.temperature", -math.inf),
         ("rollout.temperature", math.nan),
+        ("rollout.engine", "vllm"),
         ("loss.topk", 0),
         ("loss.is_threshold", math.nan),
         ("data.train_files", "prompts.jsonl"),
         ("data.max_eval_prompts", -1),
         ("data.num_epochs", 1.5),
-        ("effopd.trigger", "4"),
+        ("effopd.trigger", "4.0"),
+        ("effopd.trigger", " 4"),
+        ("effopd.trigger", "0"),
+        ("effopd.trigger", "\u0664"),  # ARABIC-INDIC DIGIT FOUR: a digit, but not what the CLI sends
+        ("effopd.trigger", "9" * 5000),  # longer than int() parses by default
         ("effopd.trigger", 0),
         ("effopd.val_temperature", math.nan),
         ("mesh.fsdp", 0),
         ("mesh.data", -1.0),
         ("monitor.k", 0),
         ("monitor.every", -2),
-        ("log_every", 0),
         ("eval.max_new_tokens", -1),
         ("student.compute_dtype", "int8"),
         ("student.remat", "everything"),
+        ("student.init", "pretrained"),
+        ("student.init_seed", -1),
         ("preemption.grace_seconds", math.nan),
+        ("log_every", 1),  # removed: an unknown setting now
+        ("data.extra", 1),
+        ("teachers", ()),
+        ("teachers", "teacher"),
+        ("teachers[0]", "teacher"),
+        ("teachers[0].path", "/nonexistent"),
+        ("teachers[0].param_dtype", "int8"),
+        ("teachers[0].name", "my teacher"),
+        ("teachers[0].name", ""),
+        ("teachers[0].init", "zeros"),
+        ("teachers[0].init_seed", 2**32),
+        ("teachers[0].tokenizer", "/nonexistent"),
+        ("teachers[0].extra", 1),
+        ("teacher.path", "/ckpt/teacher"),  # the old single-teacher group
+        ("teacher", 1),
+        # Settings the chosen mode ignores (loss.name='sampled_token', no eval files, greedy off,
+        # monitor off, init='checkpoint'), at anything but their default.
+        ("loss.topk", 16),
+        ("eval_every", 5),
+        ("eval.samples_per_prompt", 4),
+        ("data.max_eval_prompts", 8),
+        ("monitor.k", 4),
+        ("student.init_seed", 1),
+        ("teachers[0].init_seed", 1),
     ],
 )
-def test_named_bad_values_are_refused_naming_the_field(valid_config, field, value):
-    base, *_ = valid_config
-    tree = base.to_dict()
+def test_named_bad_values_are_refused_naming_the_field(base_trees, field, value):
+    tree = copy.deepcopy(base_trees[0])
     _apply(tree, field, value)
     config = ml_collections.ConfigDict(tree, type_safe=False)
     with pytest.raises(ValueError, match=re.escape(f"config.{field}: ")):
         config_lib.validate_config(config)
 
 
-def test_type_locked_overrides_still_reach_validation(valid_config):
+@pytest.mark.parametrize(
+    "overrides, field, says",
+    [
+        ({"effopd.val_files": ()}, "effopd.val_files", "validation set"),
+        ({"effopd.enabled": False}, "effopd.val_files", "only used with effopd.enabled=True (it is False)"),
+        ({"effopd.enabled": False, "effopd.val_files": (), "effopd.trigger": "4"}, "effopd.trigger", "only used"),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
+        ({"teachers[1]": "two"}, "teachers", "exactly one teacher"),
+        ({"rollout.temperature": 0.0, "rollout.top_p": 0.9}, "rollout.top_p", "rollout.temperature > 0.0 (it is 0.0)"),
+        ({"loss.name": "full_reverse_kl", "loss.is_threshold": None}, "loss.is_threshold", "loss.name='sampled_token'"),
+        ({"loss.name": "full_reverse_kl", "loss.reward_scale": 1.25}, "loss.reward_scale", "only used"),
+        ({"loss.base_path": "MODEL"}, "loss.base_path", "and loss.reward_scale != 1.0"),
+        ({"preemption.handle_signals": False, "preemption.grace_seconds": 30.0}, "preemption.grace_seconds",
+         "only used"),
+        ({"student.init": "random", "init_from": "MODEL"}, "init_from", "student.init='checkpoint'"),
+        ({"student.path": "CONFIG_FILE"}, "student.path", "no such directory"),
+        ({"teachers[0].path": "CONFIG_FILE"}, "teachers[0].path", "no such directory"),
+    ],
+)
+def test_rules_across_fields_are_refused_naming_the_field(base_trees, paths, overrides, field, says):
+    tree = copy.deepcopy(base_trees[0])
+    replace = {"MODEL": paths.model, "CONFIG_FILE": paths.config_file}
+    if "teachers[1]" in overrides:  # a second, well-formed teacher with its own name
+        tree["teachers"].append({**tree["teachers"][0], "name": "t2"})
+    for path, value in overrides.items():
+        if path != "teachers[1]":
+            _apply(tree, path, replace.get(value, value) if isinstance(value, str) else value)
+    config = ml_collections.ConfigDict(tree, type_safe=False)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'config.{field}: ')}.*{re.escape(says)}"):
+        config_lib.validate_config(config)
+
+
+def test_two_teachers_with_one_name_are_refused_naming_the_second(base_trees):
+    tree = copy.deepcopy(base_trees[0])
+    tree["teachers"].append(dict(tree["teachers"][0]))
+    with pytest.raises(ValueError, match=re.escape("config.teachers[1].name: 'teacher' is taken by teachers[0]")):
+        config_lib.validate_config(ml_collections.ConfigDict(tree, type_safe=False))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"effopd.trigger": "4"},
+        {"effopd.trigger": 4},
+        {"student.init": "random", "student.path": "CONFIG_FILE", "student.init_seed": 5},
+        {"teachers[0].init": "random", "teachers[0].path": "CONFIG_FILE", "teachers[0].init_seed": 5},
+        {"loss.name": "topk_reverse_kl", "loss.topk": 16},
+        {"loss.name": "topk_reverse_kl", "loss.reward_scale": 1, "loss.topk": 64},  # 1 is the default 1.0
+        {"data.eval_files": ("PROMPTS",), "eval_every": 5, "eval.samples_per_prompt": 4},
+        {"effopd.val_files": ["PROMPTS"]},  # a list is a tuple of files
+        {"teacher": DELETE},
+    ],
+)
+def test_documented_settings_are_accepted(base_trees, paths, overrides):
+    tree = copy.deepcopy(base_trees[0])
+    replace = {"CONFIG_FILE": paths.config_file, "PROMPTS": paths.prompts}
+    for path, value in overrides.items():
+        if isinstance(value, (tuple, list)):
+            value = type(value)(replace.get(v, v) for v in value)
+        elif isinstance(value, str):
+            value = replace.get(value, value)
+        _apply(tree, path, value)
+    config_lib.validate_config(ml_collections.ConfigDict(tree, type_safe=False))
+
+
+def test_type_locked_overrides_still_reach_validation(base_trees):
     """Assignments ml_collections lets through on a normal (type-safe) config are refused by the check."""
-    base, *_ = valid_config
     for field, value in [("total_steps", True), ("total_steps", None), ("rollout.top_p", math.nan),
                          ("mesh.data", False)]:
-        config = ml_collections.ConfigDict(base.to_dict())
+        config = ml_collections.ConfigDict(copy.deepcopy(base_trees[0]))
         group, _, leaf = field.rpartition(".")
         (config[group] if group else config)[leaf] = value  # accepted by the type lock
         with pytest.raises(ValueError, match=re.escape(f"config.{field}: ")):
             config_lib.validate_config(config)
-    config = ml_collections.ConfigDict(base.to_dict())
+    config = ml_collections.ConfigDict(copy.deepcopy(base_trees[0]))
     config.rollout.top_p = 1  # an int where a float goes is fine (ml_collections makes it 1.0)
     config_lib.validate_config(config)
