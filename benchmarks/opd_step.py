@@ -113,7 +113,7 @@ def make_ours(args, student_path: str, teacher_path: str, workdir: str):
     c.eval_every = 0
     c.export_hf = False
     c.student.update(path=student_path, param_dtype="float32", compute_dtype="float32")
-    c.teacher.update(path=teacher_path, param_dtype="float32", compute_dtype="float32")
+    c.teachers[0].update(path=teacher_path, param_dtype="float32", compute_dtype="float32")
     c.data.update(train_files=(GSM8K_FILE,), prompts_per_step=args.prompts, max_prompt_length=args.prompt_len)
     c.rollout.update(max_new_tokens=args.new_tokens, temperature=1.0, samples_per_prompt=1)
     c.loss.update(chunk_size=args.chunk_size or args.new_tokens)

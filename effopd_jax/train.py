@@ -88,4 +88,7 @@ if __name__ == "__main__":
     from absl import app  # noqa: PLC0415
 
     _define_flags()
+    if any(arg in ("-h", "--help", "--helpshort") for arg in sys.argv[1:]):
+        # absl's own --help exits with status 1; asking for help is not an error.
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     app.run(main)

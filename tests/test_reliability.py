@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from effopd_jax import checkpoint as checkpoint_lib
-from effopd_jax import convert, preemption, train
+from effopd_jax import config as config_lib
+from effopd_jax import models, preemption, train
 from effopd_jax.metrics import MetricsWriter, read_metrics
 from tests.helpers_tiny import GSM8K_FILE
 from tests.test_train import REPO, small_config, tiny_cpu_config
@@ -33,12 +34,6 @@ from tests.test_train import REPO, small_config, tiny_cpu_config
 TOTAL_STEPS = 6
 # Wall-clock fields differ between any two runs; everything else must be identical.
 TIMING_SUFFIXES = ("seconds", "per_second")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    config = tiny_cpu_config(cache=str(tmp_path_factory.mktemp("cache")))
-    return config.student.path, config.teacher.path
 
 
 def _run_overrides(**extra):
@@ -59,12 +54,19 @@ def _run_overrides(**extra):
     return overrides
 
 
-def _config_file(tmp_path, models, **extra) -> str:
-    student, teacher = models
+def _without_effopd_and_eval() -> dict:
+    """Overrides that turn EffOPD and evaluation off (their settings back at the defaults)."""
+    defaults = config_lib.default_config()
+    return {"effopd.enabled": False, "effopd.val_files": (), "effopd.val_max_prompts": defaults.effopd.val_max_prompts,
+            "data.eval_files": (), "data.max_eval_prompts": defaults.data.max_eval_prompts,
+            "eval_every": defaults.eval_every}
+
+
+def _config_file(tmp_path, **extra) -> str:
     path = tmp_path / "config.py"
     path.write_text(
         "from tests.test_train import small_config\n"
-        f"def get_config():\n    return small_config(({student!r}, {teacher!r}), **{_run_overrides(**extra)!r})\n"
+        f"def get_config():\n    return small_config(**{_run_overrides(**extra)!r})\n"
     )
     return str(path)
 
@@ -136,10 +138,10 @@ def _assert_same_run(reference_dir, workdir) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(models, tmp_path_factory):
+def reference(tmp_path_factory):
     """An uninterrupted run: the numbers every interrupted run must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    config_file = _config_file(tmp, models)
+    config_file = _config_file(tmp)
     rc, _, err = _finish(_start(config_file, tmp / "run"))
     assert rc == 0, err[-3000:]
     records = read_metrics(str(tmp / "run"))
@@ -152,8 +154,8 @@ def reference(models, tmp_path_factory):
     return tmp / "run"
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes_to_the_same_numbers(models, reference, tmp_path):
-    config_file = _config_file(tmp_path, models, checkpoint_every=4)  # the signal's step is not a multiple
+def test_sigterm_checkpoints_exits_zero_and_resumes_to_the_same_numbers(reference, tmp_path):
+    config_file = _config_file(tmp_path, checkpoint_every=4)  # the signal's step is not a multiple
     workdir = tmp_path / "run"
     proc = _start(config_file, workdir)
     _wait_for(lambda: _completed_steps(workdir) >= 1, proc)
@@ -174,11 +176,10 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_to_the_same_numbers(models, 
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(models, tmp_path):
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """Multi-host: the signal reaches the hosts at different times (here: only one of them)."""
     config_file = _config_file(
-        tmp_path, models, checkpoint_every=4, **{"mesh.data": 2, "effopd.enabled": False, "data.eval_files": (),
-                                                 "monitor.every": 0}
+        tmp_path, checkpoint_every=4, **_without_effopd_and_eval(), **{"mesh.data": 2, "monitor.every": 0}
     )
     workdir = tmp_path / "run"
     port = 24456 + os.getpid() % 1000
@@ -198,9 +199,9 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(models, tmp
     assert "received SIGTERM" in results[1][1] + results[1][2]
 
 
-def test_sigkill_at_random_points_and_mid_save_always_resumes_to_the_same_numbers(models, reference, tmp_path):
+def test_sigkill_at_random_points_and_mid_save_always_resumes_to_the_same_numbers(reference, tmp_path):
     """Repeated SIGKILLs (mid-step at random times, and inside a checkpoint save) on one run."""
-    config_file = _config_file(tmp_path, models)
+    config_file = _config_file(tmp_path)
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
     rng = random.Random(0)
@@ -236,15 +237,17 @@ def test_sigkill_at_random_points_and_mid_save_always_resumes_to_the_same_number
     _assert_same_run(reference, workdir)
 
 
-def test_nonfinite_teacher_stops_the_cli_with_exit_code_3_and_a_clear_message(models, tmp_path):
+def test_nonfinite_teacher_stops_the_cli_with_exit_code_3_and_a_clear_message(tmp_path):
     """A teacher checkpoint with NaN weights: every update is skipped; after N the run stops."""
-    student, teacher = models
+    teacher = tiny_cpu_config().teachers[0]
     poisoned = str(tmp_path / "nan_teacher")
-    config, params = convert.load_hf(teacher)
-    convert.save_hf(config, jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), params), poisoned)
+    config = models.config_from_hf(teacher.path, param_dtype="float32")
+    params = models.init_params(config, jax.random.key(0))
+    models.save_hf(config, jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), params), poisoned)
     config_file = _config_file(
-        tmp_path, models, **{"teacher.path": poisoned, "max_consecutive_skips": 2, "effopd.enabled": False,
-                             "data.eval_files": (), "total_steps": 4}
+        tmp_path, **_without_effopd_and_eval(),
+        **{"teachers[0].path": poisoned, "teachers[0].init": "checkpoint", "teachers[0].init_seed": 0,
+           "max_consecutive_skips": 2, "total_steps": 4}
     )
     rc, _, err = _finish(_start(config_file, tmp_path / "run"))
     assert rc == train.EXIT_NONFINITE, err[-3000:]
@@ -254,24 +257,26 @@ def test_nonfinite_teacher_stops_the_cli_with_exit_code_3_and_a_clear_message(mo
     assert [(r["step"], r["update_skipped"], r["skipped_updates"]) for r in records] == [(1, True, 1), (2, True, 2)]
 
 
-def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_good_checkpoint(models, tmp_path):
+def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_good_checkpoint(tmp_path):
     """NaN teacher log-probs at chosen steps make the loss and every gradient NaN."""
 
     def poisoned_trainer(config, workdir, nan_steps):
         trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:1], log=lambda *a, **k: None)
-        score = trainer._score_teacher
+        score = trainer.teacher.score
 
-        def score_with_nan(params, arrays):
-            out = score(params, arrays)
-            return out * jnp.nan if int(trainer.state.step) + 1 in nan_steps else out
+        def score_with_nan(rollout, batch):
+            batch = score(rollout, batch)
+            if int(trainer.state.step) + 1 in nan_steps:
+                batch = batch._replace(teacher_logprobs=batch.teacher_logprobs * jnp.nan)
+            return batch
 
-        trainer._score_teacher = score_with_nan
+        trainer.teacher.score = score_with_nan
         return trainer
 
     overrides = {"total_steps": 4, "max_consecutive_skips": 2, "keep_checkpoints": 4}
 
     # One NaN step: skipped, counted, params untouched; the run goes on.
-    trainer = poisoned_trainer(small_config(models, **overrides), tmp_path / "one", nan_steps={2})
+    trainer = poisoned_trainer(small_config(**overrides), tmp_path / "one", nan_steps={2})
     try:
         trainer.run()
         manager = trainer.checkpointer
@@ -283,7 +288,7 @@ def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_goo
     assert [r["update_skipped"] for r in records] == [False, True, False, False]
     assert [r["skipped_updates"] for r in records] == [0, 1, 1, 1]
     assert records[1]["loss"] == records[1]["grad_norm"] == "nan"  # JSON has no NaN: kept as text
-    for a, b in zip(jax.tree.leaves(after_1.params), jax.tree.leaves(after_2.params)):
+    for a, b in zip(jax.tree.leaves(after_1.trainable_params), jax.tree.leaves(after_2.trainable_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves(after_1.opt_state), jax.tree.leaves(after_2.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -291,7 +296,7 @@ def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_goo
 
     # Two in a row (the limit): the run stops with a clear error; the checkpoint of step 1 is the
     # last one, and it holds the good params.
-    trainer = poisoned_trainer(small_config(models, **overrides), tmp_path / "two", nan_steps={2, 3})
+    trainer = poisoned_trainer(small_config(**overrides), tmp_path / "two", nan_steps={2, 3})
     try:
         with pytest.raises(train.NonFiniteUpdatesError, match="2 consecutive updates.*step 3"):
             trainer.run()
@@ -300,7 +305,7 @@ def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_goo
     finally:
         trainer.close()
     assert latest == 2  # step 2 was skipped: its checkpoint equals step 1's params
-    for a, b in zip(jax.tree.leaves(after_1.params), jax.tree.leaves(restored.params)):
+    for a, b in zip(jax.tree.leaves(after_1.trainable_params), jax.tree.leaves(restored.trainable_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["step"] for r in read_metrics(str(tmp_path / "two"))] == [1, 2, 3]
 

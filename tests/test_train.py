@@ -18,21 +18,17 @@ import jax
 import numpy as np
 import pytest
 
+from effopd_jax import config as config_lib
 from effopd_jax import train
 from effopd_jax.metrics import read_metrics
-from tests.helpers_tiny import GSM8K_FILE, ensure_random_checkpoint, tiny_qwen3_config
+from effopd_jax.testing import tiny_qwen3_config
+from tests.helpers_tiny import GSM8K_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_cpu_config(cache: str):
-    """``configs/tiny_cpu.py``'s own ``get_config()``, with its models under ``cache``."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EFFOPD_CACHE", cache)
-        return _load_tiny_cpu()
-
-
-def _load_tiny_cpu():
+def tiny_cpu_config():
+    """``configs/tiny_cpu.py``'s own ``get_config()`` (randomly initialised tiny Qwen3 models)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
@@ -41,37 +37,32 @@ def _load_tiny_cpu():
     return module.get_config()
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The student and teacher checkpoints of configs/tiny_cpu.py, written into a temp cache."""
-    config = tiny_cpu_config(cache=str(tmp_path_factory.mktemp("cache")))
-    return config.student.path, config.teacher.path
+def set_field(config, key: str, value) -> None:
+    """``config[key] = value`` for a dotted key that may index a tuple: ``"teachers[0].path"``."""
+    target = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+        if name.endswith("]"):
+            name, index = name[:-1].split("[")
+            target = target[name][int(index)]
+        else:
+            target = target[name]
+    target[leaf] = value
 
 
-def small_config(models, **overrides):
-    """configs/tiny_cpu.py with its models at ``models``, 3 steps, no EffOPD/eval unless asked."""
-    student, teacher = models
-    c = _tiny_cpu_with_models(student, teacher)
+def small_config(**overrides):
+    """configs/tiny_cpu.py for 3 steps, with EffOPD and evaluation off unless asked."""
+    c = tiny_cpu_config()
+    defaults = config_lib.default_config()
     c.total_steps = 3
     c.checkpoint_every = 1
     c.export_hf = False
-    c.effopd.enabled = False
+    c.effopd = defaults.effopd  # off, and none of its settings changed (the schema refuses that)
     c.data.eval_files = ()
+    c.data.max_eval_prompts = defaults.data.max_eval_prompts
     for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
+        set_field(c, key, value)
     return c
-
-
-def _tiny_cpu_with_models(student, teacher):
-    # Point $EFFOPD_CACHE's layout at the fixture's checkpoints: tiny_cpu.py reuses a directory
-    # whose marker matches, so this reads the same config without writing anything new.
-    config = tiny_cpu_config(cache=os.path.dirname(os.path.dirname(student)))
-    assert (config.student.path, config.teacher.path) == (student, teacher)
-    return config
 
 
 def run(config, workdir, devices=None):
@@ -83,10 +74,9 @@ def run(config, workdir, devices=None):
     return [r for r in read_metrics(str(workdir)) if r.get("kind") != "eval"]
 
 
-def test_tiny_cpu_three_steps_end_to_end_with_effopd_and_eval(models, tmp_path):
+def test_tiny_cpu_three_steps_end_to_end_with_effopd_and_eval(tmp_path):
     """configs/tiny_cpu.py for 3 steps: real Qwen3 vocabulary and chat template, GSM8K prompts."""
     config = small_config(
-        models,
         **{
             "effopd.enabled": True,
             "effopd.val_files": (GSM8K_FILE,),
@@ -120,10 +110,10 @@ def test_tiny_cpu_three_steps_end_to_end_with_effopd_and_eval(models, tmp_path):
     assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
 
 
-def test_resume_matches_uninterrupted(models, tmp_path):
-    full = run(small_config(models, total_steps=4), tmp_path / "full", devices=jax.devices()[:1])
-    run(small_config(models, total_steps=2), tmp_path / "cut", devices=jax.devices()[:1])
-    resumed = run(small_config(models, total_steps=4), tmp_path / "cut", devices=jax.devices()[:1])
+def test_resume_matches_uninterrupted(tmp_path):
+    full = run(small_config(total_steps=4), tmp_path / "full", devices=jax.devices()[:1])
+    run(small_config(total_steps=2), tmp_path / "cut", devices=jax.devices()[:1])
+    resumed = run(small_config(total_steps=4), tmp_path / "cut", devices=jax.devices()[:1])
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # one line per step, none duplicated
     for a, b in zip(full[2:], resumed[2:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
@@ -131,12 +121,12 @@ def test_resume_matches_uninterrupted(models, tmp_path):
         assert a["response_length"] == b["response_length"]
 
 
-def test_one_device_equals_eight_devices(models, tmp_path):
+def test_one_device_equals_eight_devices(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    one = run(small_config(models), tmp_path / "one", devices=jax.devices()[:1])
+    one = run(small_config(), tmp_path / "one", devices=jax.devices()[:1])
     eight = run(
-        small_config(models, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), tmp_path / "eight"
+        small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), tmp_path / "eight"
     )
     for a, b in zip(one, eight):
         assert a["response_length"] == b["response_length"]
@@ -152,20 +142,19 @@ def _cli(args, env_extra=None, timeout=600):
     )
 
 
-def _write_config(path, models, **overrides):
+def _write_config(path, **overrides):
     """A config file for the CLI that builds small_config()."""
-    student, teacher = models
     path.write_text(
         "from tests.test_train import small_config\n"
-        f"def get_config():\n    return small_config(({student!r}, {teacher!r}), **{overrides!r})\n"
+        f"def get_config():\n    return small_config(**{overrides!r})\n"
     )
     return str(path)
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(models, tmp_path):
+def test_two_processes_equal_one_process(tmp_path):
     """2 processes x 4 CPU devices (loopback coordinator, gloo) == 1 process x 8 devices."""
-    config_file = _write_config(tmp_path / "cfg.py", models, total_steps=2, **{"mesh.data": 8})
+    config_file = _write_config(tmp_path / "cfg.py", total_steps=2, **{"mesh.data": 8})
     single = _cli([f"--config={config_file}", f"--workdir={tmp_path / 'single'}"],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO})
     assert single.returncode == 0, single.stderr[-3000:]
@@ -198,7 +187,7 @@ def test_two_processes_equal_one_process(models, tmp_path):
     "overrides, message",
     [
         ({"data.train_files": ("/nonexistent/train.jsonl",)}, "config.data.train_files"),
-        ({"teacher.path": "/nonexistent/teacher"}, "config.teacher.path"),
+        ({"teachers[0].path": "/nonexistent/teacher"}, "config.teachers\\[0\\].path"),
         ({"mesh.data": 3}, "config.mesh"),
         ({"data.prompts_per_step": 3}, "not divisible by the mesh's batch shards"),
         ({"data.max_prompt_length": 4}, "longer than max_prompt_length=4"),
@@ -207,23 +196,22 @@ def test_two_processes_equal_one_process(models, tmp_path):
         ({"loss.name": "forward_kl"}, "config.loss.name"),
     ],
 )
-def test_bad_input_is_refused(models, tmp_path, overrides, message):
-    config = small_config(models, **overrides)
+def test_bad_input_is_refused(tmp_path, overrides, message):
+    config = small_config(**overrides)
     with pytest.raises(ValueError, match=message):
         train.Trainer(config, str(tmp_path), devices=jax.devices()[:4])
 
 
-def test_teacher_with_smaller_vocabulary_is_refused(models, tmp_path):
-    small_teacher = ensure_random_checkpoint(
-        str(tmp_path / "small_teacher"), tiny_qwen3_config(vocab_size=1000), seed=3
-    )
-    config = small_config(models, **{"teacher.path": small_teacher})
+def test_teacher_with_smaller_vocabulary_is_refused(tmp_path):
+    small_teacher = tmp_path / "small_teacher.json"
+    small_teacher.write_text(json.dumps(tiny_qwen3_config(vocab_size=1000).to_hf()))
+    config = small_config(**{"teachers[0].path": str(small_teacher)})
     with pytest.raises(ValueError, match="cannot score the student's tokens"):
         train.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
 
 
-def test_unknown_config_key_is_refused(models, tmp_path):
-    config_file = _write_config(tmp_path / "cfg.py", models)
+def test_unknown_config_key_is_refused(tmp_path):
+    config_file = _write_config(tmp_path / "cfg.py")
     result = _cli([f"--config={config_file}", f"--workdir={tmp_path / 'w'}", "--config.optimizer.learnig_rate=1"],
                   {"PYTHONPATH": REPO}, timeout=120)
     assert result.returncode != 0

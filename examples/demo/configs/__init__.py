@@ -28,7 +28,7 @@ def demo_config(
     c.keep_checkpoints = settings.opd_steps // settings.eval_every + 1  # all of them: foresight reads them
     c.export_hf = False
     c.student.update(path=assets.student_dir, param_dtype="float32", compute_dtype="float32")
-    c.teacher.update(path=assets.teacher_dir, param_dtype="float32", compute_dtype="float32")
+    c.teachers[0].update(path=assets.teacher_dir, param_dtype="float32", compute_dtype="float32")
     c.tokenizer = assets.student_dir
     split = lambda name: os.path.join(assets.task_dir, f"{name}.jsonl")  # noqa: E731
     c.data.update(
