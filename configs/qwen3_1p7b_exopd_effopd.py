@@ -1,9 +1,9 @@
-"""The paper's G-OPD / ExOPD run (lambda = 1.25, lr 1e-5) with EffOPD on (spec §2,
+"""The paper's G-OPD / ExOPD run (lambda = 1.25, lr 1e-5) with EffOPD on (docs/paper_runs.md#run-table,
 `run_qwen3-4b-g-opd.sh:82-146`).
 
 Same as `qwen3_1p7b_opd_effopd.py` except the reward: A = lambda (T - B) - (s - B) with pi_B the
 initial student (Qwen3-1.7B). Unlike the authors' code, pi_B stays fixed while EffOPD moves its
-anchor (spec §3.6; see effopd_jax/train.py).
+anchor (docs/effopd_rule.md#interaction-with-g-opd).
 """
 
 import importlib.util

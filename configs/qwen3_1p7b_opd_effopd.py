@@ -1,4 +1,4 @@
-"""The paper's standard OPD run with EffOPD on (spec §2, `run_qwen3-4b-g-opd.sh:17-78`).
+"""The paper's standard OPD run with EffOPD on (docs/paper_runs.md#run-table, `run_qwen3-4b-g-opd.sh:17-78`).
 
 Student Qwen/Qwen3-1.7B, teacher the Qwen3-4B math model, lr 1e-6, 1024 prompts per step,
 one rollout each, responses up to 16k tokens, AdamW (0.9, 0.999, wd 0.01), clip 1.0, constant

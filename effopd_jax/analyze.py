@@ -40,7 +40,7 @@ Outputs in ``--out``:
   overlap_with_final.png        mean (over layers) overlap with the final subspace vs step;
   spectrum_decay.png            σ_j/σ_1 and cumulative energy of the final update per module;
   module_allocation.png         per-layer shares of the squared update norm (final checkpoint);
-  rank_<K>_alpha_<A>/           with ``--rank-k-export``: HF checkpoint of the spec §4.2
+  rank_<K>_alpha_<A>/           with ``--rank-k-export``: HF checkpoint of the norm-preserving
                                 reconstruction W' = W_0 + α(‖ΔW‖/‖ΔW_K‖)ΔW_K of the final
                                 checkpoint (non-matrix params from the base, as the authors do).
 

@@ -10,7 +10,7 @@ come
   value is refused with a message naming the field;
 * :func:`markdown_reference`: ``docs/config.md`` (``python -m effopd_jax.config --markdown``).
 
-Defaults follow the authors' runs (``../shared/effopd_spec.md`` §1.4, §2): AdamW (0.9, 0.999),
+Defaults follow the authors' runs (docs/opd_loss.md#optimizer-and-precision, docs/paper_runs.md#run-table): AdamW (0.9, 0.999),
 weight decay 0.01, eps 1e-8, global-norm clip 1.0, constant LR.
 """
 

@@ -71,15 +71,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Equals:
-    """Holds when ``field`` is ``value``."""
+class _OnField:
+    """A condition on one field's value (the shared part of the one-field conditions)."""
 
     field: str
-    value: Any
 
     @property
     def fields(self) -> tuple[str, ...]:
         return (self.field,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Equals(_OnField):
+    """Holds when ``field`` is ``value``."""
+
+    value: Any
 
     def holds(self, read: Read) -> bool:
         return _same(read(self.field), self.value)
@@ -89,15 +95,10 @@ class Equals:
 
 
 @dataclasses.dataclass(frozen=True)
-class NotEquals:
+class NotEquals(_OnField):
     """Holds when ``field`` is anything but ``value``."""
 
-    field: str
     value: Any
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return (self.field,)
 
     def holds(self, read: Read) -> bool:
         return not _same(read(self.field), self.value)
@@ -107,15 +108,10 @@ class NotEquals:
 
 
 @dataclasses.dataclass(frozen=True)
-class Greater:
+class Greater(_OnField):
     """Holds when ``field`` (a number) is greater than ``value``."""
 
-    field: str
     value: float
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return (self.field,)
 
     def holds(self, read: Read) -> bool:
         return read(self.field) > self.value
@@ -125,14 +121,8 @@ class Greater:
 
 
 @dataclasses.dataclass(frozen=True)
-class NonEmpty:
+class NonEmpty(_OnField):
     """Holds when ``field`` (a sequence) has at least one item."""
-
-    field: str
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return (self.field,)
 
     def holds(self, read: Read) -> bool:
         return len(read(self.field)) > 0

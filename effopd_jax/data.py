@@ -596,7 +596,7 @@ def load_eval_set(
     """An evaluation / validation set: every kept row, in file order, no shuffling.
 
     The same checks and length filter as training (the authors build their validation set with
-    the training data config, spec §3.2); answers are required. ``max_examples`` keeps the first
+    the training data config, docs/effopd_rule.md#validation-set); answers are required. ``max_examples`` keeps the first
     N. Other keyword arguments go to :func:`load_prompts`.
     """
     if "require_answer" in load_kwargs:

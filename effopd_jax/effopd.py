@@ -74,7 +74,7 @@ from jax import lax
 PyTree = Any
 ScoreFn = Callable[[optax.Params], Any]
 
-# The authors' `_should_modify_param` (docs/effopd_rule.md#the-parameter-filter): a lower-cased
+# The authors' `_should_modify_param` (docs/effopd_rule.md#parameter-filter): a lower-cased
 # name containing any of these substrings is extrapolated. On our Qwen paths (docs/architecture.md)
 # it selects q/k/v/o_proj, gate/up/down_proj, q_norm/k_norm (under `self_attn/`) and
 # `post_attention_layernorm` (contains "attention"); it leaves out `input_layernorm`, the final
@@ -233,7 +233,9 @@ def _path_string(path: tuple) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _make_path_predicate(param_filter: Callable[[str], bool] | str | None) -> Callable[[str], bool]:
+def _make_path_predicate(param_filter: Any) -> Callable[[str], bool]:
+    if hasattr(param_filter, "effopd_filter"):  # a model layout (effopd_jax.models.layout(config))
+        return param_filter.effopd_filter()
     if param_filter is None:
         pattern = re.compile(DEFAULT_PARAM_FILTER, re.IGNORECASE)
         return lambda path: pattern.search(path) is not None
@@ -246,7 +248,7 @@ def _make_path_predicate(param_filter: Callable[[str], bool] | str | None) -> Ca
     if callable(param_filter):
         return param_filter
     raise ValueError(
-        "param_filter must be None, a regex string or a callable(path: str) -> bool; "
+        "param_filter must be None, a model layout, a regex string or a callable(path: str) -> bool; "
         f"got {type(param_filter).__name__}"
     )
 
@@ -472,7 +474,7 @@ def _jit_search(
 def effopd(
     *,
     max_candidates: int | None = None,
-    param_filter: Callable[[str], bool] | str | None = None,
+    param_filter: Callable[[str], bool] | str | Any | None = None,
     trigger: str | int = "pow2",
     multipliers: Sequence[float] | None = None,
     anchor_dtype: Any = None,
@@ -491,9 +493,11 @@ def effopd(
         ``"layers_3/self_attn/q_proj/kernel"``) returning bool, or a regex string searched in
         that path (``re.search``); with ``nnx.Optimizer`` it is the ``nnx.state`` path without the
         Variable's ``value`` key (``mlp/up_proj/kernel``). ``None``: :data:`DEFAULT_PARAM_FILTER`,
-        the authors' rule (``docs/effopd_rule.md#the-parameter-filter``: attention and MLP weights,
+        the authors' rule (``docs/effopd_rule.md#parameter-filter``: attention and MLP weights,
         q/k norms, post-attention norm; not the input norm, the final norm, embeddings or
-        ``lm_head``). Must select at least one leaf.
+        ``lm_head``). A model layout (``effopd_jax.models.layout(config)``): the leaves its family
+        marks for extrapolation (for Qwen the same set as the default; what the trainer passes).
+        Must select at least one leaf.
       trigger: ``"pow2"`` (the authors': t = 1, 2, 4, 8, ...) or a positive int N: every N-th
         update (t = N, 2N, 3N, ...). [beyond the paper]
       multipliers: the ladder (m_1, ..., m_K) of d = θ − θ_B, each finite and > 1. Default:

@@ -1,6 +1,6 @@
 """Answer checking: ``\\boxed{}`` extraction, math-verify grading, exact match, mean@n / pass@k.
 
-What the EffOPD authors run (``../shared/effopd_spec.md`` §3.4, §5.1):
+What the EffOPD authors run (docs/effopd_rule.md#grading, docs/paper_runs.md#benchmark-evaluation):
 
 * the model's answer is the content of the **last** ``\\boxed{...}`` (or ``\\fbox{...}``) in the
   decoded response, brace-matched; a response without one scores 0;
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Commands whose braced argument holds the final answer. `\fbox` is what some models emit.
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-# Truncation the authors apply to the extracted answer in training-time validation (spec §3.4).
+# Truncation the authors apply to the extracted answer in training-time validation (docs/effopd_rule.md#grading).
 TRAIN_VALIDATION_MAX_ANSWER_CHARS = 300
 # `data_source` values starting with this prefix are graded by exact match (the synthetic tasks).
 EXACT_MATCH_SOURCE_PREFIX = "synthetic"

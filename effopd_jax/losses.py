@@ -2,7 +2,7 @@
 
 Three families, all over a student policy pi_s and a frozen teacher pi_t:
 
-* ``sampled_token_opd_loss``: the loss the EffOPD / G-OPD authors optimise (spec section 1). It
+* ``sampled_token_opd_loss``: the loss the EffOPD / G-OPD authors optimise (docs/opd_loss.md). It
   only needs the log-probabilities of the *sampled* rollout tokens under each model, and is a
   REINFORCE surrogate whose per-token reward is the negative single-sample reverse KL
   ``log pi_t(y_t) - log pi_s(y_t)`` (or the G-OPD reward with a reference model and a reward
@@ -177,7 +177,7 @@ def sampled_token_opd_loss(
     discount: float = 0.0,
     aggregation: Aggregation = "seq-mean-token-mean",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The authors' OPD / G-OPD loss on the sampled rollout tokens (spec sections 1.2-1.4).
+    """The authors' OPD / G-OPD loss on the sampled rollout tokens (docs/opd_loss.md#advantage to #aggregation).
 
     Notation per token (all ``[batch, seq]``): ``s = log pi_student(y_t)`` (differentiable),
     ``T = log pi_teacher(y_t)``, ``B = log pi_base(y_t)`` (G-OPD reference model), ``sg`` = stop

@@ -1,8 +1,8 @@
 """The foresight monitor: truncated-SVD analysis of weight updates, jitted.
 
 The paper explains OPD's efficiency by two measurable properties of the cumulative updates
-ΔW = W_t − W_0 of the attention and MLP matrices (spec §4, §4.10; the authors' code stores SVDs
-but computes no metric, so the forms below are ours, the standard ones named in spec §4.10):
+ΔW = W_t − W_0 of the attention and MLP matrices (docs/foresight.md; the authors' code stores SVDs
+but computes no metric, so the forms below are ours: docs/foresight.md#metrics-the-authors-do-not-define):
 
 * module allocation: which modules/layers move, measured by the relative update
   ‖ΔW‖_F / ‖W_0‖_F and each module type's share of a layer's squared update norm;
@@ -11,7 +11,7 @@ but computes no metric, so the forms below are ours, the standard ones named in 
 
 Orientation. Parameter kernels are stored ``[in, out]`` (docs/architecture.md). Every metric here
 is reported in the Hugging Face / torch orientation ``ΔW_hf = ΔW_kernelᵀ`` of shape
-``[out, in]``, like the authors' ``svd.py`` (spec §4.1): **U (the "left" subspace) spans the
+``[out, in]``, like the authors' ``svd.py`` (docs/foresight.md#cumulative-update-svd): **U (the "left" subspace) spans the
 output space** ``[out, k]`` and **V (the "right" subspace) spans the input space** ``[in, k]``.
 Singular values, effective rank, energy and norms do not depend on the orientation.
 
@@ -29,7 +29,7 @@ maps over layers one at a time on the CPU backend and vmaps over all layers else
 Public API
   truncated_svd, singular_values             the SVDs (randomized range finder / exact)
   effective_rank, energy_ratio, subspace_overlap   the metrics, on singular values / bases
-  rank_k_update, rank_k_reconstruct_params   spec §4.2 norm-preserving rank-k reconstruction
+  rank_k_update, rank_k_reconstruct_params   norm-preserving rank-k reconstruction (docs/foresight.md)
   module_kernels, replace_module_kernels, module_groups, check_same_architecture
                                               read/write the layout's matrices per module
   update_metrics, allocation, map_layers      all metrics of one module type over stacked layers
@@ -252,7 +252,7 @@ def subspace_overlap(u_a: Array, u_b: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rank-k reconstruction (spec §4.2)
+# Rank-k reconstruction (docs/foresight.md#rank-k-reconstruction)
 
 
 def rank_k_update(
@@ -266,14 +266,14 @@ def rank_k_update(
     power_iters: int = 2,
     method: SVDMethod = "auto",
 ) -> Array:
-    """Norm-preserving rank-k reconstruction of one matrix (spec §4.2, ``upd_rank.py``).
+    """Norm-preserving rank-k reconstruction of one matrix (docs/foresight.md#rank-k-reconstruction, the authors' ``upd_rank.py``).
 
         ΔW = W_t − W_0,  ΔW_k = U_{:, :k} diag(σ_{:k}) V_{:, :k}ᵀ,
         W' = W_0 + α · (‖ΔW‖_F / ‖ΔW_k‖_F) · ΔW_k,
 
     with ‖ΔW‖_F exact and ‖ΔW_k‖_F = sqrt(Σ_{j<=k} σ_j²). So ‖W' − W_0‖_F = α‖ΔW‖_F whatever the
     SVD's accuracy. Orientation-free ((ΔWᵀ)_k = (ΔW_k)ᵀ): works on kernels ``[in, out]``.
-    When ΔW = 0, W' = W_0. Computed in float32 (the authors cast U, S, Vt to bf16, spec §4.2;
+    When ΔW = 0, W' = W_0. Computed in float32 (the authors cast U, S, Vt to bf16;
     we do not), returned in ``w_0.dtype``.
 
     Args:
@@ -433,7 +433,7 @@ def rank_k_reconstruct_params(
     others_from: Literal["base", "final"] = "base",
     layer_batch_size: int | Literal["all", "auto"] = "auto",
 ) -> dict[str, Any]:
-    """Spec §4.2 over a whole model: every attention/MLP kernel becomes ``rank_k_update``.
+    """The rank-k reconstruction over a whole model (docs/foresight.md#rank-k-reconstruction): every attention/MLP kernel becomes ``rank_k_update``.
 
     As in the authors' ``upd_rank.py``, only the 2-D attention/MLP weights change; with
     ``others_from="base"`` (their behaviour) every other parameter (embeddings, lm_head, norms,

@@ -94,7 +94,7 @@ class ParamInfo:
       transpose: the HF tensor is the transpose of the (per-slice) leaf: kernels are stored
         `[in, out]` here and `[out, in]` in HF.
       extrapolate: whether EffOPD's default filter selects the leaf for this family (the
-        authors' rule; docs/effopd_rule.md#the-parameter-filter).
+        authors' rule; docs/effopd_rule.md#parameter-filter).
     """
 
     path: tuple[str, ...]

@@ -111,37 +111,21 @@ def attention(q: Array, k: Array, v: Array, mask: Array, dtype: DType) -> Array:
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-class Embed(nn.Module):
-    """Holds `embedding [vocab, hidden]` and returns the table (lookup and tying are the
-    model's), initialised N(0, init_std)."""
+class Weight(nn.Module):
+    """Holds one parameter `param_name` of `shape` with logical `axes`, initialised
+    N(0, init_std), and returns it: the embedding table (`embedding [vocab, hidden]`, whose
+    lookup and tying are the model's) and the untied output head (`kernel [hidden, vocab]`)."""
 
-    vocab_size: int
-    hidden_size: int
+    param_name: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
     init_std: float
     param_dtype: DType
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
-            (self.vocab_size, self.hidden_size), self.param_dtype)
-
-
-class LMHead(nn.Module):
-    """Holds `kernel [hidden, vocab]` (untied output projection), initialised N(0, init_std)."""
-
-    vocab_size: int
-    hidden_size: int
-    init_std: float
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self) -> Array:
-        return self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("embed", "vocab")),
-            (self.hidden_size, self.vocab_size), self.param_dtype)
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes)
+        return self.param(self.param_name, init, self.shape, self.param_dtype)
 
 
 # jax.checkpoint policies behind the `remat` names ("none" = no rematerialisation).

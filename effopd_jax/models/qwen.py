@@ -39,8 +39,8 @@ from effopd_jax.models.family import (
     UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    REMAT_POLICIES, REMAT_POLICY_FNS, Embed, Linear, LMHead, RMSNorm, apply_rope, attention,
-    constrain, rope_cos_sin,
+    REMAT_POLICIES, REMAT_POLICY_FNS, Linear, RMSNorm, Weight, apply_rope, attention, constrain,
+    rope_cos_sin,
 )
 
 Array = jax.Array
@@ -490,8 +490,8 @@ class Qwen(nn.Module):
                 positions = jnp.maximum(running, 0)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        embedding = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, cfg.param_dtype,
-                          name="embed_tokens")()
+        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
         hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
         hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
 
@@ -528,8 +528,8 @@ class Qwen(nn.Module):
         # The head is declared even when only hidden states are returned, so `init` always
         # creates the full parameter tree.
         head = (embedding.T if cfg.tie_word_embeddings else
-                LMHead(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, cfg.param_dtype,
-                       name="lm_head")())
+                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
         if return_hidden_states:
             out = hidden
         else:

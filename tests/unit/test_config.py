@@ -17,8 +17,9 @@ import pytest
 
 from effopd_jax import config as config_lib
 from effopd_jax.config_schema import Entries, Retired
+from helpers_tiny import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import zipfile
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers_tiny import REPO_ROOT
 # What the source tree holds next to the library: copied so the wheel build sees them, and
 # must not end up in the wheel.
 _NON_LIBRARY_DIRS = ("examples", "configs", "tests", "benchmarks")

@@ -29,7 +29,7 @@ from effopd_jax import config as config_lib
 from effopd_jax import models, preemption, train
 from effopd_jax.metrics import MetricsWriter, read_metrics
 from tests.helpers_tiny import GSM8K_FILE
-from tests.test_train import REPO, small_config, tiny_cpu_config
+from tests.integration.test_train import REPO, small_config, tiny_cpu_config
 
 TOTAL_STEPS = 6
 # Wall-clock fields differ between any two runs; everything else must be identical.
@@ -65,7 +65,7 @@ def _without_effopd_and_eval() -> dict:
 def _config_file(tmp_path, **extra) -> str:
     path = tmp_path / "config.py"
     path.write_text(
-        "from tests.test_train import small_config\n"
+        "from tests.integration.test_train import small_config\n"
         f"def get_config():\n    return small_config(**{_run_overrides(**extra)!r})\n"
     )
     return str(path)

@@ -18,8 +18,9 @@ from effopd_jax.models import qwen
 from effopd_jax.models.qwen import (KVCache, Qwen, QwenConfig, UnsupportedConfigError,
                                     init_cache, init_params, lm_head_weight)
 from helpers_qwen import random_params, stack_layers, tiny_config
+from helpers_tiny import REPO_ROOT
 
-QWEN_CONFIGS = Path(__file__).resolve().parents[1] / "third_party" / "qwen_configs" / "qwen_configs.json"
+QWEN_CONFIGS = Path(REPO_ROOT) / "third_party" / "qwen_configs" / "qwen_configs.json"
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from effopd_jax import config as config_lib
 from effopd_jax import train
 from effopd_jax.metrics import read_metrics
 from effopd_jax.testing import tiny_qwen3_config
-from tests.helpers_tiny import GSM8K_FILE
+from tests.helpers_tiny import GSM8K_FILE, REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def tiny_cpu_config():
@@ -145,7 +145,7 @@ def _cli(args, env_extra=None, timeout=600):
 def _write_config(path, **overrides):
     """A config file for the CLI that builds small_config()."""
     path.write_text(
-        "from tests.test_train import small_config\n"
+        "from tests.integration.test_train import small_config\n"
         f"def get_config():\n    return small_config(**{overrides!r})\n"
     )
     return str(path)

@@ -13,8 +13,9 @@ import pytest
 import tokenizers
 
 from effopd_jax import data
+from helpers_tiny import REPO_ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(REPO_ROOT)
 TOKENIZER_DIR = ROOT / "third_party" / "qwen3_tokenizer"
 GSM8K_FILE = ROOT / "third_party" / "gsm8k" / "gsm8k_test_100.jsonl"
 TOKENIZER_JSON_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"

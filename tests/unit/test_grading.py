@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from effopd_jax import grading
+from helpers_tiny import REPO_ROOT
 
-GSM8K_FILE = pathlib.Path(__file__).resolve().parents[1] / "third_party" / "gsm8k" / "gsm8k_test_100.jsonl"
+GSM8K_FILE = pathlib.Path(REPO_ROOT) / "third_party" / "gsm8k" / "gsm8k_test_100.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tests of effopd_jax.effopd against hand-computed values and an independent numpy reference.
 
-The numpy reference (`numpy_search`) re-implements the authors' loop literally (spec §3.5):
+The numpy reference (`numpy_search`) re-implements the authors' loop literally (docs/effopd_rule.md#the-search):
 score θ, then θ ← θ_B + (2k+1)·d for k = 1..K, accept on strict improvement, stop at the first
 non-improvement, in float64 on plain dicts.
 """
@@ -27,6 +27,7 @@ from effopd_jax.effopd import (
     effopd_search_due,
     find_effopd_state,
 )
+from helpers_tiny import REPO_ROOT
 
 # A small Qwen-named tree (docs/architecture.md): 3 filtered and 4 unfiltered leaves.
 FILTERED = (
@@ -671,7 +672,7 @@ def test_bad_calls_raise():
 
 def test_readme_example_runs():
     """The README section "Use EffOPD in your own trainer" runs as written."""
-    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    readme = os.path.join(REPO_ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
     section = text[text.index("## Use EffOPD in your own trainer"):]
