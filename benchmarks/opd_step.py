@@ -268,7 +268,7 @@ def main(argv=None) -> None:
     peer = None if args.skip_peer else make_peer(args, student_path, teacher_path, ours.tokenizer)
 
     rng = np.random.default_rng(0)
-    examples = ours.train_examples
+    examples = ours.prompts.train
 
     def peer_prompts() -> list[str]:
         picks = rng.choice(len(examples), size=args.prompts, replace=False)
