@@ -60,9 +60,12 @@ def series(tmp_path_factory):
     scanned_config = dataclasses.replace(config, scan_layers=True)
     run.save(2, {"trainable_params": scanned, "opt_state": {"mu": scanned}, "step": jnp.int32(2)}, {},
              {"step": 2, META_MODEL_CONFIG: scanned_config.to_dict()})
+    # The base as a step-0 directory, unscanned, with its config in the meta too.
+    run.save(0, {"trainable_params": params[0], "opt_state": {}, "step": jnp.int32(0)}, {},
+             {"step": 0, META_MODEL_CONFIG: config.to_dict()})
     run.close()
     return dict(root=root, config=config, dirs=dirs, params=params, orbax_dir=orbax_dir,
-                run_dir=str(root / "run" / "checkpoints" / "2"))
+                run_dir=str(root / "run" / "checkpoints" / "2"), run_base_dir=str(root / "run" / "checkpoints" / "0"))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +211,17 @@ def test_run_checkpoint_as_final_exports_with_the_base_config(series, tmp_path):
     u, s, vt = np.linalg.svd(d, full_matrices=False)
     dk = (u[:, :1] * s[:1]) @ vt[:1]
     np.testing.assert_allclose(_np_kernel(exported, 0, "self_attn/o_proj"), w0 + (np.linalg.norm(d) / np.linalg.norm(dk) * dk).T, atol=1e-5)
+
+
+def test_trainer_step_directories_alone_carry_their_layout(series, cli_run, tmp_path):
+    """No HF or orbax checkpoint in the series: the layout comes from the step directories' meta."""
+    out = str(tmp_path / "out")
+    analyze.analyze([series["run_base_dir"], series["run_dir"]], out, k=K, plots=False)
+    alone = {(r["layer"], r["module"]): r for r in _read(os.path.join(out, "metrics.csv"))}
+    reference = {(r["layer"], r["module"]): r for r in _read(os.path.join(cli_run, "metrics.csv")) if r["step"] == "2"}
+    assert alone.keys() == reference.keys() and len(alone) == 2 * len(MODULES)
+    for key, row in alone.items():
+        np.testing.assert_allclose(float(row["rel_update"]), float(reference[key]["rel_update"]), rtol=1e-5)
 
 
 def test_order_checkpoints():
