@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from effopd_jax import published_configs
 from effopd_jax.config_schema import (
     AllOf,
     Bool,
@@ -37,6 +38,7 @@ from effopd_jax.config_schema import (
     ModelPath,
     NonEmpty,
     NotEquals,
+    NotRead,
     OptionalPath,
     PromptFiles,
     Real,
@@ -74,6 +76,10 @@ def _model_fields(group: str, *, param_dtype: str) -> tuple[Field, ...]:
               "architecture (smoke runs, memory plans)"),
         Field(f"{group}path", "", ModelPath(config_file_when=random_init),
               "HF checkpoint directory (config.json + safetensors), or with `init='random'` an HF config.json"),
+        Field(f"{group}hf_name", "", Choice(("",) + published_configs.names()),
+              "the HF repository id of the architecture the config was written for; the memory plan "
+              "(`python -m effopd_jax.plan`, `plan_only`) takes the shapes from the bundled config of "
+              "that name when `path` is empty; `''`: none"),
         Field(f"{group}init_seed", 0, Int(0, MAX_SEED), "seed of the random weights", applies_when=random_init),
         Field(f"{group}param_dtype", param_dtype, Choice(DTYPES), "dtype the weights are held in"),
         Field(f"{group}compute_dtype", "bfloat16", Choice(DTYPES), "dtype of activations and matmuls"),
@@ -124,6 +130,10 @@ FIELDS: tuple[Field, ...] = (
     Field("keep_checkpoints", 3, Int(1), "how many of the latest checkpoints to keep"),
     Field("export_hf", True, Bool(), "write the final student as HF safetensors to WORKDIR/hf"),
     Field("max_consecutive_skips", 10, Int(1), "non-finite loss / gradient skips in a row before the run stops"),
+    Field("plan_only", False, Bool(),
+          "print the memory plan of one step on this run's devices (every jitted program compiled with "
+          "abstract shapes; no weights, prompts or tokenizer read) and exit without training; exit code 1 "
+          "if a program does not fit (`python -m effopd_jax.plan` plans for a named TPU / GPU slice)"),
     *_model_fields("student.", param_dtype="float32"),
     Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
     Field("init_from", "", OptionalPath(directory=False),
@@ -311,7 +321,24 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
+# What a memory plan's checks see for every prompt-file field: files that are given but not read.
+PLAN_PROMPT_FILES = ("<prompt file, not read by the plan>",)
+
+
+def _plan_fields(fields: tuple[Field, ...]) -> tuple[Field, ...]:
+    """``fields`` with every path checked for its type only (:class:`NotRead`), teachers included."""
+
+    def plan_kind(kind):
+        if isinstance(kind, (ModelPath, OptionalPath, PromptFiles)):
+            return NotRead(kind)
+        if isinstance(kind, Entries):
+            return dataclasses.replace(kind, fields=_plan_fields(kind.fields))
+        return kind
+
+    return tuple(dataclasses.replace(field, kind=plan_kind(field.kind)) for field in fields)
+
+
+def validate_config(c: ml_collections.ConfigDict, *, for_plan: bool = False) -> None:
     """Checks every field against the schema, then the rules across fields.
 
     Runs before anything is loaded or compiled. Integers must be ints (not bools or floats) within
@@ -321,12 +348,25 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     normalisation: a digit string in ``effopd.trigger`` (what the command line delivers) is
     replaced by its int, in place.
 
+    Args:
+      c: the config.
+      for_plan: the checks of a memory plan (``effopd_jax.plan``, ``plan_only``), which reads no
+        weights, prompts or tokenizer: paths are checked for their type only (a model's ``path``
+        may be empty; the plan then needs its ``hf_name``), and every prompt-file field counts as
+        given, so the evaluation and EffOPD settings that need files are checked as if they were
+        set (a shipped config that leaves the files to the user plans as it is).
+
     Raises:
       ValueError: the message starts ``config.<field>: `` (``config.teachers[0].path: ``).
     """
     if not is_group(c):
         raise ValueError(f"config: must be a ConfigDict, got {show(c)}")
-    values = check_settings(c, FIELDS)
+    if for_plan:
+        assume = {field.name: PLAN_PROMPT_FILES for field in FIELDS if isinstance(field.kind, PromptFiles)}
+        values = check_settings(c, _plan_fields(FIELDS), assume=assume)
+        values.update(assume)
+    else:
+        values = check_settings(c, FIELDS)
     for rule in CROSS_RULES:
         problem = rule.violation(values)
         if problem:

@@ -358,6 +358,25 @@ class PromptFiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class NotRead:
+    """A path field checked for a run that reads no files (a memory plan: no weights, prompts or
+    tokenizer): only the type ``kind`` wants is checked (a string; for :class:`PromptFiles` a
+    tuple of strings), not that anything exists."""
+
+    kind: OptionalPath | ModelPath | PromptFiles
+
+    def check(self, value: Any, read: Read, where: str) -> str | tuple[str, ...]:
+        if isinstance(self.kind, PromptFiles):
+            if not isinstance(value, (tuple, list)) or not all(isinstance(path, str) for path in value):
+                raise Refused(f"must be a tuple of file paths, got {_typed(value)}")
+            return tuple(value)
+        return _string(value)
+
+    def describe(self, prefix: str = "") -> str:
+        return self.kind.describe(prefix)
+
+
+@dataclasses.dataclass(frozen=True)
 class StrKeyedMapping:
     """A mapping (dict or ConfigDict) whose keys are all strings."""
 
@@ -432,7 +451,8 @@ class Entries:
 
 
 Kind = Union[
-    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, StrKeyedMapping, Retired, Entries
+    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, NotRead, StrKeyedMapping, Retired,
+    Entries,
 ]
 
 
@@ -523,7 +543,8 @@ def _store(holder: Any, key: str, value: Any) -> None:
         holder[key] = value
 
 
-def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict[str, Any]:
+def check_settings(node: Any, fields: Sequence[Field], prefix: str = "", *,
+                   assume: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Checks ``node`` (a ConfigDict or mapping) against the table ``fields``.
 
     In order: no unknown keys (anywhere in the table's groups), every field present and of its
@@ -534,6 +555,8 @@ def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict
       node: the settings.
       fields: the table.
       prefix: how messages name ``node`` (``"teachers[0]."``; ``""`` for the root).
+      assume: values the ``applies_when`` conditions see instead of the checked ones (a memory
+        plan counts prompt files as given: the run will need them, the plan does not read them).
 
     Returns:
       ``{field name: checked value}``.
@@ -566,9 +589,12 @@ def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict
             _store(holder, key, checked)
         values[field.name] = checked
 
+    def read_assumed(name: str) -> Any:
+        return assume[name] if assume and name in assume else read(name)
+
     for field in fields:
         condition = field.applies_when
-        if condition is None or field.name not in values or condition.holds(read):
+        if condition is None or field.name not in values or condition.holds(read_assumed):
             continue
         if not _same(values[field.name], field.default):
             now = ", ".join(

@@ -74,6 +74,9 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None, log=print,
                  parameterization: Parameterization = FullFineTuning()):
         config_lib.validate_config(config)
+        if config.plan_only:
+            raise ValueError("config.plan_only: a Trainer trains; for the plan run python -m effopd_jax.train "
+                             "--config.plan_only=True, or effopd_jax.plan.make_plan(config, target)")
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.is_main = jax.process_index() == 0
