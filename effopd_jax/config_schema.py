@@ -262,7 +262,7 @@ class Choice:
         return value
 
     def describe(self, prefix: str = "") -> str:
-        return " / ".join(f"`{choice}`" for choice in self.choices)
+        return " / ".join(f"`{choice}`" if choice else "`''`" for choice in self.choices)
 
 
 @dataclasses.dataclass(frozen=True)

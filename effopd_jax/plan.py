@@ -905,6 +905,9 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
     cache = CompileCache()
     started = time.perf_counter()
     log(f"plan: {target.name}, {len(devices)} devices, mesh {dict(mesh.shape)}; building the abstract step")
+    if target.estimate and not all(flag in os.environ.get("XLA_FLAGS", "") for flag in _CPU_ESTIMATE_XLA_FLAGS):
+        log(f"plan: warning: XLA_FLAGS lacks {' '.join(_CPU_ESTIMATE_XLA_FLAGS)}: XLA:CPU's library fusions hide "
+            "the temporaries of fused dot chains (python -m effopd_jax.plan sets it)")
     step = abstract_step(config, mesh, num_processes=num_processes, compile_fn=cache)
     results: dict[str, ProgramMemory] = {}
     docs: dict[str, str] = {}
