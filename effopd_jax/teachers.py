@@ -488,7 +488,7 @@ class TeacherSet:
                 into = into._replace(teacher_head=scored.teacher_head)
             acc = getattr(into, field)
             if acc is None:
-                zeros = self._jit(f"zeros/{values.ndim}/{values.dtype}",
+                zeros = self._jit(f"zeros/{total}/{values.ndim}/{values.dtype}",
                                   lambda v: jnp.zeros((total,) + v.shape[1:], v.dtype),
                                   out_shardings=shard(values.ndim))
                 acc = zeros(values)

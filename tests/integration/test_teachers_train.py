@@ -83,6 +83,7 @@ def tagged_prompts(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_two_routed_teachers_report_per_teacher_kl_and_resume_exactly(tmp_path, tagged_prompts):
     """Teacher A is a copy of the student (same architecture, seed and dtypes), B another model."""
     base = small_config(total_steps=STEPS)
@@ -127,6 +128,7 @@ def _context_distill_config(**overrides):
     return config
 
 
+@pytest.mark.slow
 def test_live_student_with_the_reference_solution_in_context_runs_on_gsm8k_and_resumes_exactly(tmp_path):
     records = _assert_resumes_exactly(_context_distill_config(), tmp_path)
     for record in records:
@@ -135,3 +137,18 @@ def test_live_student_with_the_reference_solution_in_context_runs_on_gsm8k_and_r
         assert record["reverse_kl/self"] == pytest.approx(record["reverse_kl"], abs=1e-7)
     # The privileged prompt changes the teacher's view of the same tokens: the reverse KL is not 0.
     assert abs(records[0]["reverse_kl/self"]) > 1e-4
+
+
+@pytest.mark.slow
+def test_the_initial_student_as_teacher_equals_the_live_one_at_step_one_only(tmp_path):
+    """A frozen copy of the initial weights: the same teacher as the live student before the
+    first update, a different one after it (and the copy survives the donated update)."""
+    live = _context_distill_config(total_steps=2)
+    initial = _context_distill_config(total_steps=2)
+    initial.teachers[0].model = "student_initial"
+    _run(live, tmp_path / "live")
+    _run(initial, tmp_path / "initial")
+    (live_1, live_2), (initial_1, initial_2) = _records(tmp_path / "live"), _records(tmp_path / "initial")
+    assert initial_1["reverse_kl/self"] == live_1["reverse_kl/self"]
+    assert initial_1["loss"] == live_1["loss"]
+    assert initial_2["reverse_kl/self"] != live_2["reverse_kl/self"]

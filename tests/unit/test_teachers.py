@@ -478,3 +478,22 @@ def test_retemplated_teacher_scores_the_same_response_tokens_as_an_unpadded_forw
             np.asarray(batch.teacher_logprobs)[row][:length],
             _unpadded_logprobs(QWEN_TINY, qwen_params, np.asarray(own), responses[row][:length], temperature=0.7),
             atol=2e-5)
+
+
+def test_a_teacher_tokenizer_with_other_token_ids_is_refused_by_name(tokenizer, tmp_path):
+    from effopd_jax.config import default_config, teacher_config  # noqa: PLC0415
+    from effopd_jax.trainer import setup  # noqa: PLC0415
+
+    other = data.load_tokenizer(QWEN3_TOKENIZER_DIR)
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path / "other")
+    config = default_config()
+    same = teacher_config(name="same", tokenizer=QWEN3_TOKENIZER_DIR, chat_template_kwargs={"enable_thinking": True})
+    prompts = setup._teacher_prompts(config, same, "config.teachers[0]", tokenizer)
+    assert prompts.chat_template_kwargs == {"enable_thinking": True}
+    assert prompts.max_length == config.data.max_prompt_length
+    assert setup._teacher_prompts(config, teacher_config(name="plain"), "config.teachers[0]", tokenizer) is None
+    with pytest.raises(ValueError, match=r"^config\.teachers\[1\]\.tokenizer: teacher 'code''s tokenizer maps tokens "
+                                         r"to different ids than the student's"):
+        setup._teacher_prompts(config, teacher_config(name="code", tokenizer=str(tmp_path / "other")),
+                               "config.teachers[1]", tokenizer)
