@@ -358,6 +358,9 @@ class TeacherSet:
             if capacity and capacity % self.batch_shards:
                 raise ValueError(f"teacher {teacher.name!r}: rows_per_forward={capacity} is not a multiple of the "
                                  f"mesh's batch shards data*fsdp = {self.batch_shards}")
+            if capacity and rows_per_step and capacity > rows_per_step:
+                raise ValueError(f"teacher {teacher.name!r}: rows_per_forward={capacity} is more than the "
+                                 f"{rows_per_step} rows of a step")
             self._capacity[teacher.name] = capacity
         # Per training example (filled by prepare): the routed teacher, and each teacher's prompt ids.
         self._route: np.ndarray | None = None
