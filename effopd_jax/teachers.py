@@ -20,7 +20,7 @@ row and what prompt each teacher sees:
   teacher lists go to the configured default teacher or are refused before training (never a
   silent fallback). ``"mixture"``: every teacher scores every row and the teacher log-prob is
   ``log sum_j w_j pi_j(y_t)`` per token (weights normalised), a mixture of the teachers'
-  next-token distributions evaluated at the sampled token. With one teacher every row is its.
+  next-token distributions evaluated at the sampled token. A single teacher scores every row.
 * **Capacity.** A teacher that scores only some of the step's rows gathers them into
   sub-batches of a static ``rows_per_forward`` rows (padded with copies of one of its rows,
   whose results are dropped), so each teacher compiles one program and forwards at most
