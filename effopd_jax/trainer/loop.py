@@ -4,7 +4,7 @@
     trainer.run()            # resumes from workdir's last checkpoint if there is one
 
 One step (:meth:`Trainer.train_one_step`) is four calls: the rollout engine samples the
-student's responses; the teacher scores them; the jitted update applies the loss, gradient,
+student's responses; the teachers score them (each the rows routed to it, with its own prompt); the jitted update applies the loss, gradient,
 clipping, AdamW; at EffOPD's trigger steps the host search scores extrapolated candidates on
 the validation set and keeps the best. Around the step: metrics, evaluation, checkpoints,
 the foresight monitor, the preemption guard, and the final HF export.
@@ -32,6 +32,7 @@ from effopd_jax.effopd import effopd_host_search, effopd_search_due
 from effopd_jax.objectives import OPDBatch
 from effopd_jax.rollout import Rollout
 from effopd_jax.sharding import to_host
+from effopd_jax.teachers import TeacherStepStats
 from effopd_jax.trainer import setup
 from effopd_jax.trainer.state import FullFineTuning, NonFiniteUpdatesError, Parameterization, new_train_state
 from effopd_jax.trainer.step import make_optimizer, update_step
@@ -95,9 +96,12 @@ class Trainer:
         temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.student_config, initial_params = setup.load_model(
             config.student, self.mesh, weights=config.init_from, log=self.log, role="student")
-        self.teacher = setup.load_teacher(config, self.mesh, self.tokenizer, loss=self.loss,
-                                          temperature=temperature, log=self.log)
         self.reference = setup.load_reference(config, self.mesh, temperature=temperature, log=self.log)
+        # The teachers (routed, with their own prompts rendered for every training example).
+        self.teacher = setup.load_teachers(
+            config, self.mesh, self.tokenizer, loss=self.loss, temperature=temperature,
+            student_config=self.student_config, initial_params=initial_params, train_examples=self.prompts.train,
+            reference=self.reference, rows_per_step=self.rows_per_step, log=self.log)
         self.parameterization = parameterization
         trainable_params, self.frozen_params = parameterization.split(initial_params)
         self.engines = setup.rollout_engines(config, self.student_config, self.mesh, self.tokenizer)
@@ -142,15 +146,17 @@ class Trainer:
         learning_rate = float(self.schedule(step))
         clock = Stopwatch()
 
-        rollout = self.engines["rollout"].generate(self.student_params(), self.next_prompt_rows(),
+        rows = self.next_rows()
+        rollout = self.engines["rollout"].generate(self.student_params(), rows.prompt_token_ids,
                                                    jax.random.fold_in(step_key, 0))
         clock.lap("rollout_seconds", rollout)
-        batch = self.score(rollout)
+        batch, teacher_stats = self.score(rollout, rows)
         clock.lap("teacher_seconds", batch)
         with sharding_lib.sharding_context(self.mesh):
             self.state, update_metrics = self.update(self.state, batch, self.frozen_params)
         update_metrics = jax.device_get(clock.lap("update_seconds", update_metrics))
         record = self._step_record(step, learning_rate, rollout, update_metrics, clock)
+        record.update(self.teacher.step_metrics(jax.device_get(teacher_stats), update_metrics))
         if self.config.effopd.enabled and effopd_search_due(self.state.opt_state):
             record.update(self.effopd_search(step_key))
         record["step_seconds"] = clock.since_start()
@@ -160,26 +166,38 @@ class Trainer:
         """The student's model params (trainable merged with frozen)."""
         return self.parameterization.merge(self.state.trainable_params, self.frozen_params)
 
-    def next_prompt_rows(self) -> list[np.ndarray]:
-        """This process's prompts of the next step, each repeated ``samples_per_prompt`` times
-        (the rows of one prompt are adjacent)."""
-        prompts = next(self.data_iterator)
-        return [ids for ids in prompts.prompt_token_ids for _ in range(self.config.rollout.samples_per_prompt)]
+    def next_rows(self) -> data.PromptBatch:
+        """This process's rows of the next step: its prompts, each repeated ``samples_per_prompt``
+        times (the rows of one prompt are adjacent), with their raw messages, solutions and tags."""
+        return next(self.data_iterator).repeat(self.config.rollout.samples_per_prompt)
 
-    def score(self, rollout: Rollout) -> OPDBatch:
-        """The rollout with the teacher's (and G-OPD's pi_B) view of every response token."""
+    def next_prompt_rows(self) -> list[np.ndarray]:
+        """The prompt token ids of :meth:`next_rows`."""
+        return self.next_rows().prompt_token_ids
+
+    def score(self, rollout: Rollout, rows: data.PromptBatch) -> tuple[OPDBatch, TeacherStepStats]:
+        """The rollout with the teachers' (and G-OPD's pi_B) view of every response token.
+
+        ``rows`` are this process's rows of the step (:meth:`next_rows`): the teachers route them
+        and render their own prompts from them. A live-student teacher scores with the params
+        that sampled the rollout, the same the update differentiates at (before the update)."""
         batch = OPDBatch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                          response_ids=rollout.response_ids, response_mask=rollout.response_mask,
                          behaviour_logprobs=rollout.behaviour_logprobs)
         with sharding_lib.sharding_context(self.mesh):
-            batch = self.teacher.score(rollout, batch)
+            live = self.student_params() if self.teacher.has_live_student else None
+            batch, stats = self.teacher.score_with_stats(rollout, batch, example_ids=rows.example_ids,
+                                                         student_params=live)
             if self.reference is not None:
                 batch = self.reference.score_reference(rollout, batch)
-        return batch
+        return batch, stats
 
     def _step_record(self, step: int, learning_rate: float, rollout: Rollout, update_metrics: dict,
                      clock: Stopwatch) -> dict:
-        record = {"step": step + 1, "learning_rate": learning_rate, **clock.laps, **update_metrics}
+        # The per-teacher sums become reverse_kl/<name> (TeacherSet.step_metrics), not records.
+        vectors = (objectives.TEACHER_REVERSE_KL_SUM, objectives.TEACHER_NUM_TOKENS)
+        scalars = {k: v for k, v in update_metrics.items() if k not in vectors}
+        record = {"step": step + 1, "learning_rate": learning_rate, **clock.laps, **scalars}
         response_tokens = float(to_host(rollout.response_mask).sum())
         record["response_length"] = response_tokens / self.rows_per_step
         record["tokens_per_second"] = response_tokens / max(clock.last - clock.start, 1e-9)
