@@ -358,6 +358,25 @@ class PromptFiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class Names:
+    """A tuple (or list) of distinct non-empty strings. A bare string is refused: it is not a
+    list of one name but a sequence of characters."""
+
+    def check(self, value: Any, read: Read, where: str) -> tuple[str, ...]:
+        if not isinstance(value, (tuple, list)):
+            raise Refused(f"must be a tuple of names, got {_typed(value)}")
+        for name in value:
+            if not (isinstance(name, str) and name):
+                raise Refused(f"every entry must be a non-empty string, got {show(name)}")
+        if len(set(value)) != len(value):
+            raise Refused(f"names must be distinct, got {show(value)}")
+        return tuple(value)
+
+    def describe(self, prefix: str = "") -> str:
+        return "tuple of distinct names"
+
+
+@dataclasses.dataclass(frozen=True)
 class StrKeyedMapping:
     """A mapping (dict or ConfigDict) whose keys are all strings."""
 
@@ -432,7 +451,8 @@ class Entries:
 
 
 Kind = Union[
-    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, StrKeyedMapping, Retired, Entries
+    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, Names, StrKeyedMapping, Retired,
+    Entries,
 ]
 
 

@@ -641,6 +641,9 @@ def _value_ok(kind, value, values: dict) -> bool | None:
         return _prompt_files_ok(kind, value)
     if isinstance(kind, schema.StrKeyedMapping):
         return _str_keyed_ok(value)
+    if isinstance(kind, schema.Names):
+        return (type(value) in (tuple, list) and all(type(name) is str and name for name in value)
+                and len(set(value)) == len(value))
     if isinstance(kind, schema.Retired):
         return value is None
     raise AssertionError(f"a kind this test does not know: {kind}")
@@ -752,6 +755,8 @@ def _cross_rule_problems(values: dict) -> set[str]:
     axes = [values.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")]
     if None not in axes and axes.count(-1) > 1:
         problems.add("mesh")
+    if values.get("lora.dropout", 0.0) != 0.0:
+        problems.add("lora.dropout")  # LoRA dropout is refused
     return problems
 
 
@@ -902,6 +907,9 @@ def _plausible_values(kind, p: Paths):
         return st.sampled_from([(), (p.prompts,), [p.prompts], (p.prompts, p.prompts), (p.config_file,)])
     if isinstance(kind, schema.StrKeyedMapping):
         return st.sampled_from([{}, {"enable_thinking": True}])
+    if isinstance(kind, schema.Names):
+        return st.sampled_from([(), ("q_proj",), ["self_attn/q_proj", "mlp/up_proj"], ("q_proj", "q_proj"), ("",),
+                                "q_proj", (1,)])
     if isinstance(kind, schema.Retired):
         return st.sampled_from([None, p.model, True])
     if isinstance(kind, schema.Entries):
