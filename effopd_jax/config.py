@@ -63,6 +63,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROLLOUT_ENGINES = ("static",)  # the sampler: a static KV cache, prefill + lax.while_loop decode
 INIT_MODES = ("checkpoint", "random")
+# lora.EFFOPD_SPACES, repeated so that checking a config imports no jax (a test checks they agree).
+LORA_EFFOPD_SPACES = ("factors", "merged")
 BAD_ROW_MODES = ("skip", "raise")
 # Where a teacher's weights come from: its own checkpoint, or the student (self-distillation).
 TEACHER_MODELS = ("own", "student_initial", "student_live")
@@ -181,6 +183,7 @@ _several_teachers = LongerThan("teachers", 1)
 _routed_by_tag = AllOf((_several_teachers, Equals("routing.mode", "data_source")))
 _with_eval_files = NonEmpty("data.eval_files")
 _effopd_on = Equals("effopd.enabled", True)
+_lora_on = Equals("lora.enabled", True)
 
 FIELDS: tuple[Field, ...] = (
     Field("seed", 0, Int(0, MAX_SEED), "seed of the run: data order, sampling"),
@@ -284,6 +287,25 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_effopd_on),
     Field("effopd.val_temperature", 1.0, Real(low=0.0), "sampling temperature when scoring; 0: greedy",
           applies_when=_effopd_on),
+    # LoRA students.
+    Field("lora.enabled", False, Bool(),
+          "train low-rank adapters on a frozen base instead of every weight (README \"LoRA students\")"),
+    Field("lora.rank", 8, Int(1), "r of the adapters A [in, r], B [r, out]; at most min(in, out) of every adapted "
+          "matrix", applies_when=_lora_on),
+    Field("lora.alpha", 16.0, Real(low=0.0, low_open=True), "the adapted kernel is W + (alpha / rank)·A·B",
+          applies_when=_lora_on),
+    Field("lora.dropout", 0.0, Real(low=0.0, high=1.0, high_open=True),
+          "must be 0: dropout on the adapters' input would score each token under a random sub-policy, "
+          "not the on-policy student (docstring of effopd_jax/lora.py)", applies_when=_lora_on),
+    Field("lora.target", (), Strings(),
+          "matrix modules to adapt, as the model's layout names them (`self_attn/q_proj`) or by their last "
+          "part (`q_proj`); `()`: every attention and MLP projection", applies_when=_lora_on),
+    Field("lora.base_dtype", "bfloat16", Choice(DTYPES),
+          "dtype the frozen base is held in (the adapters are in `student.param_dtype`)", applies_when=_lora_on),
+    Field("lora.effopd_space", "factors", Choice(LORA_EFFOPD_SPACES),
+          "what EffOPD extrapolates: the factors A and B (`factors`), or the merged update A·B, re-factored to "
+          "rank r (`merged`; exact when the extrapolated product has rank <= r)",
+          applies_when=AllOf((_lora_on, _effopd_on))),
     # Evaluation.
     Field("eval_every", 0, Int(0), "evaluate every N steps; 0: only at the end", applies_when=_with_eval_files),
     Field("eval.samples_per_prompt", 1, Int(1), "samples per eval prompt (mean@n, pass@n)",
@@ -324,6 +346,9 @@ GROUP_DOCS: Mapping[str, str] = {
     "loss": "The distillation loss.",
     "optimizer": "AdamW with global-norm clipping.",
     "effopd": "EffOPD: extrapolated updates scored on a validation set.",
+    "lora": "LoRA students: low-rank adapters A (random) and B (zeros) on a frozen base. Only the adapters are "
+    "trained, held by the optimizer and EffOPD, and checkpointed; the run exports the merged student (`hf/`) and "
+    "the adapters in PEFT's format (`peft/`).",
     "eval": "Evaluation on `data.eval_files`.",
     "mesh": "Device mesh; at most one axis may be -1.",
     "monitor": "Foresight metrics of the weight updates.",
@@ -402,6 +427,13 @@ def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _no_lora_dropout(values: Mapping[str, Any]) -> str | None:
+    if values["lora.dropout"] != 0.0:
+        return (f"must be 0, got {values['lora.dropout']}: the OPD loss scores every sampled token under the student "
+                "that sampled it, and dropout on the adapters' input would make that a random sub-policy")
+    return None
+
+
 CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule("teachers", "several teachers need `loss.name='sampled_token'`", _several_teachers_need_sampled_token),
     CrossRule("teachers", "`teachers[i].data_sources` only with `routing.mode='data_source'` and several teachers; "
@@ -410,6 +442,7 @@ CROSS_RULES: tuple[CrossRule, ...] = (
               "or is `routing.default_teacher`, which names a teacher or is `''`", _routing_tags),
     CrossRule("effopd.val_files", "`effopd.enabled` needs a non-empty `effopd.val_files`", _effopd_has_val_files),
     CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
+    CrossRule("lora.dropout", "`lora.dropout` is 0 (LoRA dropout is refused for on-policy log-probs)", _no_lora_dropout),
 )
 
 

@@ -25,10 +25,10 @@ from jax.sharding import PartitionSpec as P
 
 from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import config as config_lib
-from effopd_jax import data, grading, models, objectives, preemption
+from effopd_jax import data, grading, lora, models, objectives, preemption
 from effopd_jax import metrics as metrics_lib
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.effopd import effopd_host_search, effopd_search_due
+from effopd_jax.effopd import effopd_host_search, effopd_search_due, find_effopd_state
 from effopd_jax.objectives import OPDBatch
 from effopd_jax.rollout import Rollout
 from effopd_jax.sharding import to_host
@@ -69,11 +69,13 @@ class Trainer:
       workdir: the run directory (checkpoints, metrics.jsonl, the HF export).
       devices: the devices of the mesh (default: all).
       log: where progress lines go (process 0 only).
-      parameterization: which part of the student is trained (default: all of it).
+      parameterization: which part of the student is trained. Default: from the config
+        (``config.lora.enabled``: low-rank adapters, :class:`effopd_jax.lora.LoRA`; otherwise all
+        of it, :class:`FullFineTuning`).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None, log=print,
-                 parameterization: Parameterization = FullFineTuning()):
+                 parameterization: Parameterization | None = None):
         config_lib.validate_config(config)
         if config.plan_only:
             raise ValueError("config.plan_only: a Trainer trains; for the plan run python -m effopd_jax.train "
@@ -102,7 +104,7 @@ class Trainer:
             config, self.mesh, self.tokenizer, loss=self.loss, temperature=temperature,
             student_config=self.student_config, initial_params=initial_params, train_examples=self.prompts.train,
             reference=self.reference, rows_per_step=self.rows_per_step, log=self.log)
-        self.parameterization = parameterization
+        self.parameterization = parameterization = self._choose_parameterization(parameterization)
         trainable_params, self.frozen_params = parameterization.split(initial_params)
         self.engines = setup.rollout_engines(config, self.student_config, self.mesh, self.tokenizer)
 
@@ -123,8 +125,12 @@ class Trainer:
             donate_argnums=(0,),
         )
 
-        # The foresight monitor keeps W_0 = the initial student (taken before any resume).
-        self.monitor = setup.make_monitor(config, initial_params, self.student_config)
+        # The foresight monitor keeps W_0 = the initial student as the forward sees it (taken
+        # before any resume): for adapters on a cast base, the merge of that base, so that
+        # W_t - W_0 is exactly the merged update (A·B), not the base's rounding.
+        self.monitor = setup.make_monitor(config, parameterization.merge(trainable_params, self.frozen_params),
+                                          self.student_config)
+        del initial_params
         self.checkpointer = checkpoint_lib.RunCheckpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints)
         self.data_iterator = data.train_iterator(
@@ -136,6 +142,18 @@ class Trainer:
         # Without a checkpoint nothing in an old metrics.jsonl is valid (resume_step=None clears it).
         self.metrics = metrics_lib.MetricsWriter(
             self.workdir, resume_step=self.start_step if resumed else None, enabled=self.is_main)
+
+    def _choose_parameterization(self, given: Parameterization | None) -> Parameterization:
+        if given is not None:
+            if self.config.lora.enabled:
+                raise ValueError("config.lora.enabled: Trainer(parameterization=...) was given too; use one of the two")
+            return given
+        if self.config.lora.enabled:
+            chosen = lora.from_config(self.config, self.student_config)
+            self.log(f"LoRA student: rank {chosen.rank}, alpha {chosen.alpha:g} on {', '.join(chosen.modules)} "
+                     f"({len(chosen.kernel_paths)} matrices); frozen base in {chosen.base_dtype}")
+            return chosen
+        return FullFineTuning()
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -220,8 +238,17 @@ class Trainer:
                                          samples_per_prompt=1)["mean_at_n"]
 
         start = time.perf_counter()
-        params, opt_state, report = effopd_host_search(self.state.trainable_params, self.state.opt_state,
-                                                       score_fn=score_fn)
+        # A parameterization may extrapolate differently (LoRA: in the merged space).
+        extrapolation = getattr(self.parameterization, "effopd_extrapolation", lambda: None)()
+        theta, anchor = self.state.trainable_params, find_effopd_state(self.state.opt_state).anchor
+        params, opt_state, report = effopd_host_search(theta, self.state.opt_state, score_fn=score_fn,
+                                                       extrapolate=extrapolation)
+        extra = {}
+        if extrapolation is not None:
+            # How far the accepted point's product is from the extrapolated one (0 when exact).
+            extra["effopd/lora_refactor_error"] = (
+                0.0 if report.accepted_index == 0
+                else self.parameterization.refactor_error(theta, anchor, report.accepted_multiplier))
         # Back onto the update's input shardings, so the next step reuses its compilation.
         params = jax.device_put(params, self.state_shardings.trainable_params)
         opt_state = jax.device_put(opt_state, self.state_shardings.opt_state)
@@ -236,6 +263,7 @@ class Trainer:
             "effopd/accepted_multiplier": report.accepted_multiplier,
             "effopd/num_evals": report.num_evals,
             "effopd/seconds": time.perf_counter() - start,
+            **extra,
         }
 
     # -- evaluation -------------------------------------------------------------------------
@@ -285,8 +313,10 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int, elapsed: float) -> None:
+        describe = getattr(self.parameterization, "to_dict", None)
         meta = {"step": step, "elapsed_seconds": elapsed,
-                checkpoint_lib.META_MODEL_CONFIG: self.student_config.to_dict()}
+                checkpoint_lib.META_MODEL_CONFIG: self.student_config.to_dict(),
+                checkpoint_lib.META_PARAMETERIZATION: describe() if describe else {"name": self.parameterization.name}}
         self.checkpointer.save(step, self.state, self.data_iterator.get_state(), meta,
                                monitor=None if self.monitor is None else self.monitor.reference_bases())
 
@@ -371,15 +401,28 @@ class Trainer:
         self.checkpointer.wait()
         if cfg.export_hf:
             self.export_hf(os.path.join(self.workdir, "hf"))
+            if hasattr(self.parameterization, "save_adapters"):
+                self.export_adapters(os.path.join(self.workdir, lora.PEFT_DIRECTORY))
         return last
 
     def export_hf(self, path: str) -> None:
-        """Writes the student as an HF checkpoint (config, safetensors, tokenizer)."""
+        """Writes the student as an HF checkpoint (config, safetensors, tokenizer) in
+        ``student.param_dtype`` (for adapters: the merge W + s·A·B, and the frozen rest cast up)."""
         params = jax.tree.map(to_host, self.student_params())
         if self.is_main:
-            models.save_hf(self.student_config, params, path)
+            models.save_hf(self.student_config, params, path, dtype=self.student_config.param_dtype)
             self.tokenizer.save_pretrained(path)
             self.log(f"exported the student to {path}")
+
+    def export_adapters(self, path: str) -> None:
+        """Writes the trainable adapters in their own format (LoRA: PEFT's ``adapter_config.json``
+        + ``adapter_model.safetensors``), for the base the run started from."""
+        adapters = jax.tree.map(to_host, self.state.trainable_params)
+        base = self.config.init_from or self.config.student.path
+        base = base if os.path.isfile(os.path.join(base, "config.json")) else ""
+        if self.is_main:
+            self.parameterization.save_adapters(self.student_config, adapters, path, base_model_name_or_path=base)
+            self.log(f"exported the adapters to {path}")
 
     def close(self) -> None:
         self.checkpointer.close()

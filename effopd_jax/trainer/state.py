@@ -9,7 +9,7 @@
 The optimizer (and EffOPD) see only the trainable part; the frozen part is an input of every
 step like the teacher's params, never checkpointed (it is reloaded from the student's
 checkpoint). Full fine-tuning, the paper's setting, trains everything; an adapter method trains
-a small tree of its own and merges it into the frozen base.
+a small tree of its own and merges it into the frozen base (``effopd_jax.lora.LoRA``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ class Parameterization(Protocol):
         """EffOPD's default filter over the ``/``-joined paths of the *trainable* tree."""
         ...
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON facts the trainer writes into each checkpoint's meta (at least ``name``), so that a
+        step directory says how its trainable params relate to the model (``effopd_jax.analyze``)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class FullFineTuning:
@@ -89,6 +94,9 @@ class FullFineTuning:
 
     def param_filter(self, layout: ModelLayout) -> Callable[[str], bool]:
         return layout.effopd_filter()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
 
 
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: PyTree, mesh: Mesh) -> PyTree:

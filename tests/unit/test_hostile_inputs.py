@@ -789,6 +789,8 @@ def _cross_rule_problems(values: dict) -> set[str]:
     axes = [values.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")]
     if None not in axes and axes.count(-1) > 1:
         problems.add("mesh")
+    if values.get("lora.dropout", 0.0) != 0.0:
+        problems.add("lora.dropout")  # LoRA dropout is refused
     return problems
 
 
