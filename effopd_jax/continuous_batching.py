@@ -532,7 +532,10 @@ class ContinuousEngine:
         shape: _Shape = programs["shape"]
         n, ss, rs, a = shape.shards, shape.slots_per_shard, shape.rows_per_shard, shape.prefill_rows
         page_size, max_new = shape.page_size, shape.max_new_tokens
-        prompt_lengths = sharding_lib.to_host(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)).reshape(n, rs)
+        if jax.process_count() == 1:
+            prompt_lengths = mask.sum(axis=1).astype(np.int32).reshape(n, rs)
+        else:  # every process schedules every shard: it needs every prompt's length
+            prompt_lengths = sharding_lib.to_host(jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)).reshape(n, rs)
         if (prompt_lengths == 0).any():
             raise ValueError("every prompt needs at least one token")
 

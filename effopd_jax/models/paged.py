@@ -2,7 +2,7 @@
 
 A paged cache keeps each layer's keys and values in fixed-size pages,
 
-    k, v: [layers, shards, pages_per_shard, page_size, kv_heads, head_dim]
+    k, v: [shards, layers, pages_per_shard, page_size, kv_heads, head_dim]
 
 and a *page table* per row says which pages hold it: cache position ``p`` of row ``b`` is slot
 ``p % page_size`` of page ``page_table[b, p // page_size]``. A row's cache position is the RoPE
@@ -19,7 +19,10 @@ always masked.
 shards: ``batch // shards`` rows each) and row ``b`` only uses the pages of shard
 ``b // (batch // shards)``, indexed locally (``0 .. pages_per_shard - 1``). Every gather and
 scatter below is a ``vmap`` over the shard axis, i.e. batched over a dimension that is split
-over the mesh exactly like the rows, which GSPMD partitions without any communication.
+over the mesh exactly like the rows, which GSPMD partitions without any communication. The
+shard axis leads (major in memory), so the batched scatters keep the pool's layout and update
+it in place: a layer writes its ``[shard, layer, page, slot]`` entries of the whole pool
+(``index.layer``) instead of copying its pages out and back.
 
 **Calls.** A forward over a paged cache takes one of two indices (pytrees, shared by every
 layer), which say where each of the call's ``seq`` tokens goes and what it attends to:
@@ -56,8 +59,9 @@ class PagedPrefill:
       positions: ``[batch, seq]`` int32 cache (= RoPE) position of each token.
       valid: ``[batch, seq]`` bool, the tokens to write and attend to (False: padding).
       layer: (static) set by the forward for layer ``i`` when a layer's cache arrives as the
-        whole ``[layers, ...]`` pool, which is then written in place at ``[layer, ...]`` (no
-        per-layer copy); None when the layer's own ``[shards, ...]`` pages arrive (scanned layers).
+        whole ``[shards, layers, ...]`` pool, which is then written in place at
+        ``[shard, layer, ...]`` (no per-layer copy); None when the layer's own
+        ``[shards, pages_per_shard, ...]`` pages arrive (scanned layers).
     """
 
     page_table: Array
@@ -96,7 +100,7 @@ def write_pages(pages: Array, new: Array, index: PagedPrefill | PagedDecode) -> 
 
     Args:
       pages: ``[shards, pages_per_shard, page_size, kv_heads, head_dim]`` one layer's keys or
-        values, or with ``index.layer`` set the whole ``[layers, shards, ...]`` pool.
+        values, or with ``index.layer`` set the whole ``[shards, layers, ...]`` pool.
       new: ``[batch, seq, kv_heads, head_dim]`` the call's keys or values.
       index: the call's :class:`PagedPrefill` / :class:`PagedDecode`.
 
@@ -105,8 +109,7 @@ def write_pages(pages: Array, new: Array, index: PagedPrefill | PagedDecode) -> 
       the null page).
     """
     layer = index.layer
-    shard_axis = 0 if layer is None else 1  # the whole pool: scatter into [layer, shard, page, offset]
-    shards, page_size = pages.shape[shard_axis], pages.shape[-3]
+    shards, page_size = pages.shape[0], pages.shape[-3]
     max_pages = index.page_table.shape[1]
     logical_page = index.positions // page_size
     wanted = index.valid & (index.positions >= 0) & (logical_page < max_pages)
@@ -119,8 +122,8 @@ def write_pages(pages: Array, new: Array, index: PagedPrefill | PagedDecode) -> 
             return pages_s.at[page_s, offset_s].set(new_s.astype(pages_s.dtype))
         return pages_s.at[layer, page_s, offset_s].set(new_s.astype(pages_s.dtype))
 
-    return jax.vmap(one_shard, in_axes=(shard_axis, 0, 0, 0), out_axes=shard_axis)(
-        pages, _per_shard(page, shards), _per_shard(offset, shards), _per_shard(new, shards))
+    return jax.vmap(one_shard)(pages, _per_shard(page, shards), _per_shard(offset, shards),
+                               _per_shard(new, shards))
 
 
 def prefill_mask(index: PagedPrefill) -> Array:
@@ -144,7 +147,7 @@ def paged_attention(q: Array, k_pages: Array, v_pages: Array, index: PagedDecode
     Args:
       q: ``[batch, seq, heads, head_dim]`` queries (after RoPE).
       k_pages, v_pages: ``[shards, pages_per_shard, page_size, kv_heads, head_dim]`` one layer's
-        pages (with ``index.layer``: the ``[layers, shards, ...]`` pool), with this call's
+        pages (with ``index.layer``: the ``[shards, layers, ...]`` pool), with this call's
         tokens already written.
       index: the call's :class:`PagedDecode`.
       dtype: compute dtype of the probability-value product.
@@ -153,9 +156,8 @@ def paged_attention(q: Array, k_pages: Array, v_pages: Array, index: PagedDecode
       ``[batch, seq, heads, head_dim]`` in ``q.dtype``; 0 for invalid tokens.
     """
     batch, seq, heads, head_dim = q.shape
-    layer = index.layer
-    shard_axis = 0 if layer is None else 1  # the pool: read layer `layer` inside the gathers
-    shards, page_size, kv_heads = k_pages.shape[shard_axis], k_pages.shape[-3], k_pages.shape[-2]
+    layer = index.layer  # with the whole pool: read layer `layer` inside the gathers
+    shards, page_size, kv_heads = k_pages.shape[0], k_pages.shape[-3], k_pages.shape[-2]
     groups = heads // kv_heads
     max_pages = index.page_table.shape[1]
     block_pages = max(1, min(index.block_pages, max_pages))
@@ -199,8 +201,8 @@ def paged_attention(q: Array, k_pages: Array, v_pages: Array, index: PagedDecode
         out = out / jnp.where(normaliser > 0, normaliser, 1.0)[..., None]
         return jnp.einsum("bkgsd->bskgd", out)
 
-    out = jax.vmap(one_shard, in_axes=(0, 0, 0, shard_axis, shard_axis))(
-        _per_shard(q, shards), _per_shard(table, shards), _per_shard(query_positions, shards), k_pages, v_pages)
+    out = jax.vmap(one_shard)(_per_shard(q, shards), _per_shard(table, shards),
+                              _per_shard(query_positions, shards), k_pages, v_pages)
     return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
 
 

@@ -344,8 +344,9 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype: DType = jnp.
 class PagedKVCache(NamedTuple):
     """A paged key/value cache for all layers (see `effopd_jax.models.paged`).
 
-    k, v: [layers, shards, pages_per_shard, page_size, kv_heads, head_dim] keys (after RoPE) and
-    values; which rows own which pages is the caller's page table, not part of the cache.
+    k, v: [shards, layers, pages_per_shard, page_size, kv_heads, head_dim] keys (after RoPE) and
+    values (the batch shard leads: see `effopd_jax.models.paged`); which rows own which pages is
+    the caller's page table, not part of the cache.
     """
 
     k: Array
@@ -354,9 +355,9 @@ class PagedKVCache(NamedTuple):
 
 def init_paged_cache(config: QwenConfig, *, shards: int, pages_per_shard: int, page_size: int,
                      dtype: DType = jnp.bfloat16) -> PagedKVCache:
-    """An empty paged cache: zeros of `[layers, shards, pages_per_shard, page_size, kv_heads,
+    """An empty paged cache: zeros of `[shards, layers, pages_per_shard, page_size, kv_heads,
     head_dim]` (page 0 of each shard is the null page)."""
-    shape = (config.num_hidden_layers, shards, pages_per_shard, page_size, config.num_key_value_heads,
+    shape = (shards, config.num_hidden_layers, pages_per_shard, page_size, config.num_key_value_heads,
              config.head_dim)
     return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
@@ -602,9 +603,9 @@ class QwenPaged(nn.Module):
         if index.positions.shape != (batch, seq) or index.valid.shape != (batch, seq):
             raise ValueError(f"index.positions and index.valid must be {(batch, seq)}, got "
                              f"{index.positions.shape} and {index.valid.shape}")
-        if cache.k.shape[0] != cfg.num_hidden_layers:
-            raise ValueError(f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers}, "
-                             "shards, pages_per_shard, page_size, kv_heads, head_dim]")
+        if cache.k.ndim != 6 or cache.k.shape[1] != cfg.num_hidden_layers:
+            raise ValueError(f"cache.k has shape {cache.k.shape}; expected [shards, layers={cfg.num_hidden_layers}, "
+                             "pages_per_shard, page_size, kv_heads, head_dim]")
         mask = paged.prefill_mask(index) if isinstance(index, paged.PagedPrefill) else None
         cos, sin = rope_cos_sin(jnp.maximum(index.positions, 0), cfg.head_dim, cfg.rope_theta)
 
@@ -617,7 +618,8 @@ class QwenPaged(nn.Module):
                 DecoderLayer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 1, nn.broadcast),  # the cache's layer axis
+                out_axes=1,
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -772,7 +774,7 @@ class QwenFamily(ModelFamily):
                                 page_size=page_size, dtype=dtype)
 
     def paged_cache_logical_axes(self, config: QwenConfig) -> PagedKVCache:
-        kv = ("layers", "act_batch", None, None, "act_kv_heads", None)
+        kv = ("act_batch", "layers", None, None, "act_kv_heads", None)
         return PagedKVCache(k=kv, v=kv)
 
     def apply_paged(self, config: QwenConfig, params: Any, input_ids: Array, *,
