@@ -69,7 +69,7 @@ class EngineProgram(NamedTuple):
     bytes per device for the engine's mesh, without any weights or arrays.
 
     Attributes:
-      name: e.g. ``"rollout_decode"``.
+      name: e.g. ``"rollout_step"``.
       fn: the ``jax.jit``-wrapped function the engine calls.
       args: its positional arguments as pytrees of ``jax.ShapeDtypeStruct`` (with shardings).
       kwargs: its static keyword arguments.
