@@ -29,7 +29,9 @@ Same work: before timing, every contender's tokens are checked equal to the cont
 engine's (per-row keys make them identical), so tokens/s compares like with like.
 
 Figures: tokens/s = response tokens / wall time of the whole call (median over ``--reps``
-round-robin repetitions, minimum next to it), speed-up over ``static``; slot occupancy (useful
+round-robin repetitions, minimum next to it), speed-up over ``static``; decode steps run (a
+static wave runs until its longest row ends) and wall time per decode step (prefills included),
+which split the speed-up into fewer steps and cheaper steps; slot occupancy (useful
 slot-steps / slot-steps run); the continuous engine's host round trips (prefill and decode
 calls) and the share of its wall time the host spent scheduling rather than waiting for the
 device; memory from XLA's compiled memory analysis of each contender's programs on this
@@ -196,21 +198,25 @@ def main(argv=None) -> None:
     total = int(lengths.sum())
     base = np.median(times["static"])
     static_occupancy = total / (args.slots * sum(wave_max))
-    print(f"| contender | tokens/s (median) | best | speed-up | slot occupancy | host calls "
-          f"| host share | peak program memory | KV cache |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| contender | tokens/s (median) | best | speed-up | decode steps | ms / decode step | slot occupancy "
+          f"| host calls | host share | peak program memory | KV cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in contenders:
         median, best = np.median(times[name]), np.min(times[name])
         s = stats.get(name)
         if s is None:
             occupancy = static_occupancy if name == "static" else total / (args.rows * lengths.max())
             calls, host = f"{len(waves) if name == 'static' else 1}", "-"
+            # A wave (or the whole batch) decodes until its longest row ends.
+            steps = sum(wave_max) if name == "static" else int(lengths.max())
         else:
+            steps = int(s["decode_steps"])
             occupancy = s["slot_occupancy"]
             calls = f"{s['host_calls']:.0f}"
             host = f"{s['host_seconds'] / s['seconds']:.0%}"
         (program, peak), kv = memory.get(name, memory["static"])
-        print(f"| {name} | {total / median:,.0f} | {total / best:,.0f} | {base / median:.2f}x | {occupancy:.0%} "
+        print(f"| {name} | {total / median:,.0f} | {total / best:,.0f} | {base / median:.2f}x | {steps} "
+              f"| {1e3 * median / steps:.1f} | {occupancy:.0%} "
               f"| {calls} | {host} | {peak / 2**20:.1f} MiB ({program}) | {kv / 2**20:.1f} MiB |")
     print(f"\nload after: {os.getloadavg()}")
 
