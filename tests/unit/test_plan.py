@@ -237,32 +237,28 @@ def test_continuous_rollout_is_planned_with_a_page_pool_that_follows_slots_not_r
     devices = plan.target_devices(plan.parse_target("v5e:2x2"))
     cache = plan.CompileCache()
 
-    def rollout_memory(engine: str, prompts_per_step: int) -> dict[str, plan.ProgramMemory]:
+    def rollout_step(prompts_per_step: int) -> plan.ProgramMemory:
         config = load_config(TINY_CONFIG)  # mesh data=-1: 4 batch shards
-        config.rollout.engine = engine
-        if engine == "continuous":
-            config.rollout.update(slots=4, page_size=16)
+        config.rollout.update(engine="continuous", slots=4, page_size=16)
         config.data.prompts_per_step = prompts_per_step
         config_lib.validate_config(config, for_plan=True)
         mesh = setup.make_mesh(config, devices)
         step = plan.abstract_step(config, mesh)
-        return {name: plan.measure(program, mesh, compile_fn=cache)
-                for name, program in plan.rollout_programs(step, "rollout", step.student_params(), {}).items()}
+        programs = plan.rollout_programs(step, "rollout", step.student_params(), {})
+        assert list(programs) == ["rollout_step", "rollout_finish"]
+        return plan.measure(programs["rollout_step"], mesh, compile_fn=cache)
 
-    small, large = rollout_memory("continuous", 8), rollout_memory("continuous", 16)
-    assert list(small) == ["rollout_step", "rollout_finish"]
-    assert all(memory.exact for memory in (*small.values(), *large.values()))
+    small, large = rollout_step(8), rollout_step(16)
+    assert small.exact and large.exact
     student = read_json(os.path.join(REPO_ROOT, "configs", "tiny", "qwen3_h32.json"))
     per_position = 2 * student["num_hidden_layers"] * student["num_key_value_heads"] * student["head_dim"] * 4
     # Per device: one slot, the pages of one longest row (256 + 24 - 1 positions) + the null page.
     pool_bytes = (math.ceil((256 + 24 - 1) / 16) + 1) * 16 * per_position
-    assert small["rollout_step"].alias_bytes >= pool_bytes  # the donated pool comes back in place
-    # Twice the rows: the pool and the temporaries stay; only the rows' own arrays grow.
-    assert large["rollout_step"].temp_bytes <= small["rollout_step"].temp_bytes
-    assert large["rollout_step"].alias_bytes - small["rollout_step"].alias_bytes < pool_bytes / 8
-    static_small, static_large = rollout_memory("static", 8)["rollout"], rollout_memory("static", 16)["rollout"]
-    # ... while the static engine's dense cache grows by the 2 extra rows per device.
-    assert static_large.alias_bytes - static_small.alias_bytes >= 2 * (256 + 24) * per_position
+    assert small.alias_bytes >= pool_bytes  # the donated pool comes back in place
+    # Twice the rows: the pool and the temporaries stay; only the rows' own arrays grow (the
+    # static engine's dense cache would grow by 2 * (256 + 24) * per_position per device).
+    assert large.temp_bytes <= small.temp_bytes
+    assert large.alias_bytes - small.alias_bytes < pool_bytes / 8
 
 
 @needs_libtpu
