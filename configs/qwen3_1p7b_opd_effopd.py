@@ -19,8 +19,13 @@ With today's programs (every phase takes all 1,024 rows at once, dense attention
 on v5p:4x4x4 the rollout needs >= 133 GiB per chip, the teacher's scoring >= 660 GiB and the update
 >= 544 GiB. One row per chip at a time fits v5p:4x4x4 (peak 42 GiB: the teacher's attention
 scores), so the settings expected to make it fit there are `micro_batch_size=64` and the continuous
-rollout engine with 64 or more `rollout.slots` (not set here: they come with the engines that
-read them); v5e:16x16 and 8xH100-80GB also need blockwise attention.
+rollout engine with 64 or more `rollout.slots`; v5e:16x16 and 8xH100-80GB also need blockwise attention.
+The continuous engine plans at 6.7 GiB per chip on v5p:4x4x4 (README.md#rollout-engines):
+    python -m effopd_jax.plan --config=configs/qwen3_1p7b_opd_effopd.py --topology=v5p:4x4x4 \
+      --config.rollout.engine=continuous --config.rollout.slots=64
+This file keeps the static engine: `rollout.slots` must be a multiple of the batch shards
+(data x fsdp, here every device), so the slot count depends on the slice (64 on v5p:4x4x4 or
+8 GPUs, 256 on v5e:16x16); set it on the command line for yours.
 """
 
 from effopd_jax.config import default_config, teacher_config

@@ -61,7 +61,9 @@ SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 # models.qwen.REMAT_POLICIES, repeated so that checking a config imports no jax (a test checks they agree).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ROLLOUT_ENGINES = ("static",)  # the sampler: a static KV cache, prefill + lax.while_loop decode
+# static: the sampler (a dense KV cache, prefill + lax.while_loop decode); continuous: slots over a
+# paged KV cache, refilled as rows finish (effopd_jax/continuous_batching.py).
+ROLLOUT_ENGINES = ("static", "continuous")
 INIT_MODES = ("checkpoint", "random")
 # lora.EFFOPD_SPACES, repeated so that checking a config imports no jax (a test checks they agree).
 LORA_EFFOPD_SPACES = ("factors", "merged")
@@ -179,6 +181,7 @@ def _moved_to_teachers(name: str, placeholder_type: type) -> Field:
 
 
 _sampled_token = Equals("loss.name", "sampled_token")
+_continuous = Equals("rollout.engine", "continuous")
 _several_teachers = LongerThan("teachers", 1)
 _routed_by_tag = AllOf((_several_teachers, Equals("routing.mode", "data_source")))
 _with_eval_files = NonEmpty("data.eval_files")
@@ -239,7 +242,21 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_with_eval_files),
     # Rollout.
     Field("rollout.engine", "static", Choice(ROLLOUT_ENGINES),
-          "the sampler: `static` (static KV cache, prefill + `lax.while_loop` decode)"),
+          "the sampler: `static` (every row at once in a dense KV cache, prefill + `lax.while_loop` decode) or "
+          "`continuous` (`rollout.slots` rows at a time over a paged KV cache, a finished row's slot refilled "
+          "with the next prompt)"),
+    Field("rollout.slots", 64, Int(1),
+          "sequences decoded at once (a multiple of the mesh's batch shards); KV memory follows slots, not rows",
+          applies_when=_continuous),
+    Field("rollout.page_size", 16, Int(1), "positions per KV-cache page", applies_when=_continuous),
+    Field("rollout.kv_pages", 0, Int(0),
+          "KV-cache pages over all batch shards; 0: enough for every slot to reach the longest row "
+          "(fewer: rows that run out are preempted and restarted, same tokens)", applies_when=_continuous),
+    Field("rollout.decode_steps", 32, Int(1),
+          "decode steps per host call at most (a call also returns once slots can be refilled)",
+          applies_when=_continuous),
+    Field("rollout.prefill_rows", 1, Int(1),
+          "prompts prefilled together per batch shard when slots are refilled", applies_when=_continuous),
     Field("rollout.max_new_tokens", 256, Int(1), "response length cap"),
     Field("rollout.temperature", 1.0, Real(low=0.0), "sampling temperature; 0: greedy"),
     Field("rollout.top_k", 0, Int(0), "sample among the k likeliest tokens; 0: all",

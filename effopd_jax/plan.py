@@ -73,6 +73,7 @@ from effopd_jax import models, objectives, published_configs, sampling, teachers
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models import ModelConfig
 from effopd_jax.objectives import LossSettings, OPDBatch, OPDLoss
+from effopd_jax import rollout as rollout_lib
 from effopd_jax.rollout import Rollout
 from effopd_jax.sampling import SamplingSettings
 from effopd_jax.trainer import setup
@@ -498,13 +499,43 @@ def _static_engine_programs(step: AbstractStep, settings: SamplingSettings, para
     # The static engine's own jitted sampler (what StaticEngine.generate -> generate_padded calls).
     return {"": Program(
         fn=sampling._sample_padded_jit,  # noqa: SLF001
-        args=(params, step.rollout.prompt_ids, step.rollout.prompt_mask, key, cache),
+        args=(params, step.rollout.prompt_ids, step.rollout.prompt_mask, key, None, cache),
         kwargs=dict(config=config, settings=settings, mesh=mesh),
         doc=f"static engine: prefill + decode, {step.rows} rows x {step.prompt_length}+{settings.max_new_tokens} "
             "KV slots")}
 
 
 register_rollout_programs("static", _static_engine_programs)
+
+
+def _continuous_engine_programs(step: AbstractStep, settings: SamplingSettings,
+                                params: PyTree) -> dict[str, Program]:
+    """``ContinuousEngine`` (``config.rollout.engine="continuous"``): the engine's own programs
+    (``ContinuousEngine.programs``) built as the trainer builds the engine, with the plan's params.
+    ``step``: one host call, a prefill of ``prefill_rows`` prompts per batch shard then up to
+    ``decode_steps`` decode steps over the slots, reading and writing (donated) the page pool;
+    ``finish``: the step's rows gathered from the slot state."""
+    config = step.config
+    engine = rollout_lib.make_rollout_engine(
+        "continuous", model_config=step.student, settings=settings, mesh=step.mesh,
+        prompt_length=step.prompt_length, options=rollout_lib.engine_options("continuous", config.rollout))
+    pool = engine.options.kv_pages or engine.options.slots * engine.pages_per_row
+    docs = {
+        "rollout_step": (f"continuous engine: one host call (prefill + <= {engine.options.decode_steps} decode "
+                         f"steps), {engine.options.slots} slots over {pool} KV pages of {engine.options.page_size}"),
+        "rollout_finish": f"continuous engine: the {step.rows} rows' responses gathered from the slots",
+    }
+    programs = {}
+    for program in engine.programs(step.rows):
+        args = program.args
+        if program.name == "rollout_step":  # (params, state, ...): the plan's params, as the trainer passes them
+            args = (params, *args[1:])
+        programs[program.name.removeprefix("rollout_")] = Program(
+            fn=program.fn, args=args, kwargs=program.kwargs, doc=docs.get(program.name, program.name))
+    return programs
+
+
+register_rollout_programs("continuous", _continuous_engine_programs)
 
 
 def rollout_programs(step: AbstractStep, purpose: str, params: PyTree,

@@ -12,20 +12,30 @@ are global `jax.Array`s with the batch split over the mesh's batch axes, so the 
 update read them where they are. The trainer uses three engines, all built here: rollouts,
 EffOPD's validation scoring and evaluation (each with its own sampling settings).
 
+Two engines are built in: ``static`` (:class:`StaticEngine`: every row at once in a dense KV
+cache, `effopd_jax.sampling`) and ``continuous``
+(:class:`effopd_jax.continuous_batching.ContinuousEngine`: a fixed number of slots over a paged
+KV cache, refilled as rows finish). Both sample a row's tokens from keys that depend only on
+(the step's key, the row's index in the step, the token position), so they return the same
+rollout for the same step.
+
 Engines are registered by name (`config.rollout.engine`); :func:`register_rollout_engine` adds
-one. How to add an engine: docs/architecture.md#how-to-add.
+one. How to add an engine: docs/architecture.md#how-to-add. An engine also lists its jitted
+programs with abstract arguments (:meth:`RolloutEngine.programs`, :class:`EngineProgram`), so a
+memory plan can compile them for a target without weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from effopd_jax import data, sampling
+from effopd_jax import data, models, sampling
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models import ModelConfig
 from effopd_jax.sampling import SamplingSettings
@@ -52,6 +62,32 @@ class Rollout(NamedTuple):
     behaviour_logprobs: jax.Array
 
 
+class EngineProgram(NamedTuple):
+    """One jitted program of an engine, with abstract arguments to compile it ahead of time.
+
+    ``program.lower().compile().memory_analysis()`` gives its argument / output / temporary
+    bytes per device for the engine's mesh, without any weights or arrays.
+
+    Attributes:
+      name: e.g. ``"rollout_step"``.
+      fn: the ``jax.jit``-wrapped function the engine calls.
+      args: its positional arguments as pytrees of ``jax.ShapeDtypeStruct`` (with shardings).
+      kwargs: its static keyword arguments.
+      mesh: the mesh the program is traced under (its activation sharding constraints).
+    """
+
+    name: str
+    fn: Any
+    args: tuple
+    kwargs: dict
+    mesh: Mesh
+
+    def lower(self) -> Any:
+        """``fn.lower(*args, **kwargs)`` under the mesh's sharding context."""
+        with sharding_lib.sharding_context(self.mesh):
+            return self.fn.lower(*self.args, **self.kwargs)
+
+
 class RolloutEngine(Protocol):
     """What the trainer needs of an engine."""
 
@@ -67,8 +103,14 @@ class RolloutEngine(Protocol):
           key: the step's PRNG key.
 
         Returns:
-          A :class:`Rollout` whose rows are every process's prompts, in process order.
+          A :class:`Rollout` whose rows are every process's prompts, in process order. Row
+          ``r``'s tokens are drawn with ``sampling.token_keys(key, r, t)`` (t: token position).
         """
+        ...
+
+    def programs(self, rows: int) -> tuple[EngineProgram, ...]:
+        """The jitted programs one ``generate`` of ``rows`` rows runs, with abstract arguments
+        (the trainer's shardings, nothing allocated)."""
         ...
 
 
@@ -99,17 +141,46 @@ class StaticEngine:
         )
         return Rollout(prompt_ids, prompt_mask, sample.tokens, sample.mask, sample.logprobs)
 
+    def programs(self, rows: int) -> tuple[EngineProgram, ...]:
+        """``rollout``: the whole prefill + decode loop (``sampling._sample_padded_jit``) for
+        ``rows`` rows; its donated cache is ``[layers, rows, prompt_length + max_new_tokens, ...]``."""
+        config, mesh = self.model_config, self.mesh
+        rows_sharding = sharding_lib.batch_sharding(mesh)
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              models.abstract_params(config), sharding_lib.param_shardings(config, mesh))
+        dtype = getattr(config, "dtype", np.float32)
+        cache = jax.eval_shape(lambda: models.init_cache(
+            config, rows, self.prompt_length + self.settings.max_new_tokens, dtype=dtype))
+        cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                             sharding_lib.cache_shardings(config, mesh))
+        ids = jax.ShapeDtypeStruct((rows, self.prompt_length), np.int32, sharding=rows_sharding)
+        mask = jax.ShapeDtypeStruct((rows, self.prompt_length), np.bool_, sharding=rows_sharding)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
+        return (EngineProgram("rollout", sampling._sample_padded_jit, (params, ids, mask, key, None, cache),
+                              dict(config=config, settings=self.settings, mesh=mesh), mesh),)
+
 
 EngineFactory = Callable[..., RolloutEngine]
 _ENGINES: dict[str, EngineFactory] = {"static": StaticEngine}
+# The engine's own settings: field names under `config.rollout` (its schema rows apply when
+# `rollout.engine` names it).
+_ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {"static": ()}
 
 
-def register_rollout_engine(name: str, factory: EngineFactory) -> None:
+def register_rollout_engine(name: str, factory: EngineFactory, *, options: Sequence[str] = ()) -> None:
     """Makes ``config.rollout.engine = name`` build engines with ``factory(**kwargs)`` (the
-    keyword arguments of :func:`make_rollout_engine`)."""
+    keyword arguments of :func:`make_rollout_engine`; ``options`` only when given).
+
+    Args:
+      name: the engine's name.
+      factory: a class or function taking those keyword arguments.
+      options: the ``config.rollout`` fields that are the engine's own settings
+        (:func:`engine_options` reads them for the trainer).
+    """
     if name in _ENGINES and _ENGINES[name] is not factory:
         raise ValueError(f"a rollout engine named {name!r} is already registered")
     _ENGINES[name] = factory
+    _ENGINE_OPTIONS[name] = tuple(options)
 
 
 def rollout_engines() -> tuple[str, ...]:
@@ -118,14 +189,36 @@ def rollout_engines() -> tuple[str, ...]:
 
 
 def make_rollout_engine(name: str, *, model_config: ModelConfig, settings: SamplingSettings,
-                        mesh: Mesh, prompt_length: int) -> RolloutEngine:
+                        mesh: Mesh, prompt_length: int, options: Mapping[str, Any] | None = None
+                        ) -> RolloutEngine:
     """Builds the engine registered as ``name``.
 
+    Args:
+      name: the registered name (``config.rollout.engine``).
+      model_config, settings, mesh, prompt_length: what every engine takes.
+      options: the engine's own settings (e.g. ``{"slots": 64}`` for ``continuous``; see
+        :func:`engine_options`), passed as ``options=``; None: the engine's defaults.
+
     Raises:
-      ValueError: no engine of that name (the message lists the registered ones), or a token id
-        of ``settings`` outside the model's vocabulary.
+      ValueError: no engine of that name (the message lists the registered ones), a token id
+        of ``settings`` outside the model's vocabulary, or a bad option.
     """
     if name not in _ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; registered: {rollout_engines()}")
-    return _ENGINES[name](model_config=model_config, settings=settings, mesh=mesh,
-                          prompt_length=prompt_length)
+    kwargs = dict(model_config=model_config, settings=settings, mesh=mesh, prompt_length=prompt_length)
+    if options:
+        kwargs["options"] = dict(options)
+    return _ENGINES[name](**kwargs)
+
+
+def engine_options(name: str, rollout_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine ``name``'s own settings read from ``config.rollout`` (the fields it registered),
+    for :func:`make_rollout_engine`'s ``options``."""
+    return {field: rollout_config[field] for field in _ENGINE_OPTIONS.get(name, ())}
+
+
+# The built-in continuous-batching engine (imported last: it builds on the names above).
+from effopd_jax.continuous_batching import ContinuousEngine  # noqa: E402
+
+register_rollout_engine("continuous", ContinuousEngine,
+                        options=("slots", "page_size", "kv_pages", "decode_steps", "prefill_rows"))

@@ -25,6 +25,12 @@ Sampling (per step, row-wise, with ``logits`` the model's float32 next-token log
   (always at least the most likely token); the token is drawn from ``softmax`` of the kept
   ``z``. This is the order ``transformers`` and vLLM use (temperature, top-k, top-p).
 
+Random numbers do not depend on batching: the draw of response token ``t`` of row ``r`` uses the
+key ``fold_in(fold_in(key, r), t)`` (:func:`token_keys`), where ``r`` is the row's index in the
+step (``row_ids``; by default its row in the batch). So a row samples the same tokens whatever
+the other rows of its batch, its place in it, the micro-batch or slot it runs in or the device
+layout, and a resumed run reproduces them; every rollout engine follows this scheme.
+
 The returned ``logprobs`` are ``log pi(token)`` under exactly that filtered, renormalised
 distribution. With ``temperature=1``, ``top_k=0`` and ``top_p=1`` this is the student's own
 (policy) log-probability ``log_softmax(logits)[token]`` -- the behaviour log-probability the
@@ -204,14 +210,30 @@ def sample_categorical(rng: jax.Array, logits: jax.Array, *, block_size: int | N
     return (block * block_size + inner).astype(jnp.int32)
 
 
+def token_keys(key: jax.Array, row_ids: jax.Array, positions: jax.Array | int) -> jax.Array:
+    """The per-row keys of one sampling step: ``fold_in(fold_in(key, row_ids[b]), positions[b])``.
+
+    Args:
+      key: the step's PRNG key (typed, or a raw ``uint32[2]`` key).
+      row_ids: ``[batch]`` int, each row's index in the step.
+      positions: the response-token index being sampled, a scalar or ``[batch]`` int.
+
+    Returns:
+      ``[batch]`` keys (raw ``[batch, 2]`` uint32 for a raw ``key``).
+    """
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), jnp.shape(row_ids))
+    return jax.vmap(lambda row, t: jax.random.fold_in(jax.random.fold_in(key, row), t))(row_ids, positions)
+
+
 def sample_next_token(
-    logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+    logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[jax.Array, jax.Array]:
-    """Samples one token per row.
+    """Samples one token per row, row ``b`` from its own key ``keys[b]``.
 
     Args:
       logits: ``[batch, vocab]`` next-token logits.
-      rng: a PRNG key.
+      keys: ``[batch]`` PRNG keys (raw: ``[batch, 2]`` uint32), e.g. from :func:`token_keys`;
+        row ``b``'s draw depends on ``keys[b]`` and ``logits[b]`` only. Unused when greedy.
       temperature, top_k, top_p: as in :func:`filtered_logits`; ``temperature == 0`` is greedy.
 
     Returns:
@@ -225,7 +247,7 @@ def sample_next_token(
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
         return tokens, logprobs
     candidate_logits, candidate_ids = filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    choice = sample_categorical(rng, candidate_logits)
+    choice = jax.vmap(lambda key, row: sample_categorical(key, row[None])[0])(keys, candidate_logits)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(candidate_logits, axis=-1), choice[:, None], axis=-1)[:, 0]
     if candidate_ids is None:
         tokens = choice.astype(jnp.int32)
@@ -272,6 +294,7 @@ def _sample_padded(
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    row_ids: jax.Array | None,
     cache: Any,
     *,
     config: ModelConfig,
@@ -282,6 +305,8 @@ def _sample_padded(
     donated input cache buffer is aliased to an output and updated in place."""
     del mesh  # static only: it keys the compilation (see `_sample_padded_jit`)
     batch, prompt_len = prompt_ids.shape
+    if row_ids is None:
+        row_ids = jnp.arange(batch, dtype=jnp.int32)
     max_new = settings.max_new_tokens
 
     # A row with no real token is a dummy (batch padding): it starts stopped. It still gets one
@@ -331,7 +356,7 @@ def _sample_padded(
     sample = functools.partial(
         sample_next_token, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p
     )
-    token, logprob = sample(first_logits, jax.random.fold_in(rng, 0))
+    token, logprob = sample(first_logits, token_keys(rng, row_ids, 0))
     state = _record(state, token, logprob, settings)
 
     def keep_going(state: _DecodeState) -> jax.Array:
@@ -348,7 +373,7 @@ def _sample_padded(
             attention_mask=key_mask_after(num_fed),
             cache=state.cache,
         )
-        token, logprob = sample(logits[:, -1], jax.random.fold_in(rng, num_fed))
+        token, logprob = sample(logits[:, -1], token_keys(rng, row_ids, num_fed))
         return _record(state._replace(cache=cache), token, logprob, settings)
 
     state = jax.lax.while_loop(keep_going, decode_step, state)
@@ -393,6 +418,7 @@ def generate_padded(
     pad_token_id: int = 0,
     cache_dtype: Any = None,
     mesh: Mesh | None = None,
+    row_ids: jax.Array | np.ndarray | None = None,
 ) -> SampleOutput:
     """Samples continuations of an already padded prompt batch (the trainer's entry point).
 
@@ -406,14 +432,17 @@ def generate_padded(
         builds; any padding layout is correct, since positions come from ``prompt_mask``).
       prompt_mask: ``[batch, prompt_len]`` bool/int, True on real prompt tokens. A row with no
         real token is a dummy: it generates nothing (all-pad ``tokens``, all-False ``mask``).
-      rng: a PRNG key (``jax.random.key`` or a raw ``uint32[2]`` key); step ``t`` uses
-        ``fold_in(rng, t)``.
+      rng: the step's PRNG key (``jax.random.key`` or a raw ``uint32[2]`` key); response token
+        ``t`` of row ``r`` is drawn with ``fold_in(fold_in(rng, row_ids[r]), t)``.
       max_new_tokens, temperature, top_k, top_p, eos_token_ids, pad_token_id: see the module
         docstring and :class:`SamplingSettings`. All static: each distinct value compiles once.
       cache_dtype: KV-cache dtype; default the config's compute dtype.
       mesh: if given, the batch is split over ('data', 'fsdp') (``batch`` must be a multiple
         of their product) and the cache's KV heads over 'tensor'; the model's activations follow
         ``sharding.LOGICAL_RULES`` (traced under ``sharding.sharding_context(mesh)``).
+      row_ids: ``[batch]`` int, each row's index in the step (what its random draws depend on);
+        default ``arange(batch)``. Give a sub-batch or a permutation of a step's rows their
+        indices in the step and they sample exactly the tokens they sample there.
 
     Returns:
       :class:`SampleOutput` of device arrays with the ``batch`` rows of the input.
@@ -448,6 +477,10 @@ def generate_padded(
     row_sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
     prompt_ids = _rows_as(prompt_ids, jnp.int32, row_sharding)
     prompt_mask = _rows_as(prompt_mask, jnp.bool_, row_sharding)
+    if row_ids is not None:  # (None: arange(batch), built on the device: no host array to place)
+        if np.shape(row_ids) != (batch,):
+            raise ValueError(f"row_ids must be [batch] = {(batch,)}, got shape {np.shape(row_ids)}")
+        row_ids = _rows_as(row_ids, jnp.int32, None if mesh is None else sharding_lib.batch_sharding(mesh, 1))
     cache_shardings = None
     if mesh is not None:
         rng = jax.device_put(rng, NamedSharding(mesh, P()))
@@ -461,12 +494,12 @@ def generate_padded(
     )
     if mesh is None:
         output, _ = _sample_padded_jit(
-            params, prompt_ids, prompt_mask, rng, cache, config=config, settings=settings, mesh=None
+            params, prompt_ids, prompt_mask, rng, row_ids, cache, config=config, settings=settings, mesh=None
         )
     else:
         with sharding_lib.sharding_context(mesh):
             output, _ = _sample_padded_jit(
-                params, prompt_ids, prompt_mask, rng, cache, config=config, settings=settings, mesh=mesh
+                params, prompt_ids, prompt_mask, rng, row_ids, cache, config=config, settings=settings, mesh=mesh
             )
     return output
 

@@ -18,6 +18,7 @@ Public API
   forward                                            logits (or hidden states), optional cache
   init_params, abstract_params, param_logical_axes   params without a checkpoint; their axes
   init_cache, lm_head_weight, layout                 decoding cache, output head, layout
+  init_paged_cache, forward_paged                    paged decoding cache (continuous batching)
   family_for, register_family, supported_model_types the registry
 """
 
@@ -58,7 +59,8 @@ PyTree = Any
 __all__ = [
     "CheckpointError", "MissingTensorError", "ModelConfig", "ModelFamily", "ModelLayout",
     "ParamInfo", "TensorShapeError", "UnexpectedTensorError", "UnsupportedConfigError",
-    "abstract_params", "config_from_hf", "family_for", "forward", "init_cache", "init_params",
+    "abstract_params", "config_from_hf", "family_for", "forward", "forward_paged", "init_cache",
+    "init_paged_cache", "init_params",
     "layout", "lm_head_weight", "load_hf", "load_params", "param_logical_axes", "read_hf_config",
     "register_family", "save_hf", "supported_model_types",
 ]
@@ -113,6 +115,44 @@ def param_logical_axes(config: ModelConfig) -> PyTree:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> PyTree:
     """An empty decoding cache for `batch` rows and `max_len` positions (prompt + new tokens)."""
     return family_for(config).init_cache(config, batch, max_len, dtype)
+
+
+def init_paged_cache(config: ModelConfig, *, shards: int, pages_per_shard: int, page_size: int,
+                     dtype: Any = jnp.bfloat16) -> PyTree:
+    """An empty paged decoding cache (the family's pytree, opaque): `shards` groups of
+    `pages_per_shard` pages of `page_size` positions; see `effopd_jax.models.paged`.
+
+    Raises:
+      NotImplementedError: the family has no paged cache.
+    """
+    return family_for(config).init_paged_cache(config, shards=shards, pages_per_shard=pages_per_shard,
+                                               page_size=page_size, dtype=dtype)
+
+
+def forward_paged(config: ModelConfig, params: PyTree, input_ids: jax.Array, *, index: Any, cache: PyTree,
+                  return_hidden_states: bool = False) -> tuple[Any, PyTree]:
+    """The causal LM forward over a paged cache; pure and jit-able (`config` static).
+
+    Args:
+      config: the model config.
+      params: the params pytree (the same as `forward`'s).
+      input_ids: `[batch, seq]` int token ids; `batch` is a multiple of the cache's shards and
+        row `b` uses shard `b // (batch // shards)`.
+      index: `paged.PagedPrefill` (rows that start empty: the tokens attend to each other) or
+        `paged.PagedDecode` (rows that continue: the tokens attend to their row's cached
+        positions up to their own), with the rows' page tables `[batch, max_pages]`, the
+        tokens' cache (= RoPE) positions `[batch, seq]` and which tokens are real `[batch, seq]`.
+      cache: a cache from `init_paged_cache`; every valid token is written at its position.
+      return_hidden_states: return the final-normed hidden states instead of logits.
+
+    Returns:
+      `(logits [batch, seq, vocab] float32 or hidden [batch, seq, hidden], new_cache)`.
+
+    Raises:
+      NotImplementedError: the family has no paged cache.
+    """
+    return family_for(config).apply_paged(config, params, input_ids, index=index, cache=cache,
+                                          return_hidden_states=return_hidden_states)
 
 
 def lm_head_weight(config: ModelConfig, params: PyTree) -> jax.Array:

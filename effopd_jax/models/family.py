@@ -241,6 +241,30 @@ class ModelFamily(abc.ABC):
         """A tree like the cache whose leaves are tuples of logical axis names (`None` for a
         replicated dimension), from which `sharding.cache_shardings` builds shardings."""
 
+    # -- paged decoding (continuous batching); optional ------------------------------------------
+    # A family without these cannot run `rollout.engine="continuous"` (the static engine only
+    # needs `init_cache` / `apply`). Contract: docs/architecture.md#paged-cache.
+    def init_paged_cache(self, config: ModelConfig, *, shards: int, pages_per_shard: int, page_size: int,
+                         dtype: Any) -> PyTree:
+        """An empty paged cache: for each of `shards` batch shards, `pages_per_shard` pages of
+        `page_size` positions (page 0 of each shard is the null page; see `models.paged`)."""
+        raise NotImplementedError(f"the {self.name!r} model family has no paged cache "
+                                  "(rollout.engine='continuous' needs one; use 'static')")
+
+    def paged_cache_logical_axes(self, config: ModelConfig) -> PyTree:
+        """A tree like the paged cache of logical-axis tuples (the shard axis is `act_batch`)."""
+        raise NotImplementedError(f"the {self.name!r} model family has no paged cache")
+
+    def apply_paged(self, config: ModelConfig, params: PyTree, input_ids: jax.Array, *, index: Any,
+                    cache: PyTree, return_hidden_states: bool = False) -> tuple[Any, PyTree]:
+        """The forward over a paged cache; see :func:`effopd_jax.models.forward_paged`."""
+        raise NotImplementedError(f"the {self.name!r} model family has no paged cache")
+
+    @property
+    def supports_paged_cache(self) -> bool:
+        """Whether the family implements the paged-cache methods."""
+        return type(self).apply_paged is not ModelFamily.apply_paged
+
     # -- parameters ----------------------------------------------------------------------------
     @abc.abstractmethod
     def layout(self, config: ModelConfig) -> ModelLayout:

@@ -42,6 +42,7 @@ from effopd_jax.models.layers import (
     REMAT_POLICIES, REMAT_POLICY_FNS, Linear, RMSNorm, Weight, apply_rope, attention, constrain,
     rope_cos_sin,
 )
+from effopd_jax.models import paged
 
 Array = jax.Array
 DType = Any
@@ -340,6 +341,27 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype: DType = jnp.
                    index=jnp.zeros((), jnp.int32))
 
 
+class PagedKVCache(NamedTuple):
+    """A paged key/value cache for all layers (see `effopd_jax.models.paged`).
+
+    k, v: [shards, layers, pages_per_shard, page_size, kv_heads, head_dim] keys (after RoPE) and
+    values (the batch shard leads: see `effopd_jax.models.paged`); which rows own which pages is
+    the caller's page table, not part of the cache.
+    """
+
+    k: Array
+    v: Array
+
+
+def init_paged_cache(config: QwenConfig, *, shards: int, pages_per_shard: int, page_size: int,
+                     dtype: DType = jnp.bfloat16) -> PagedKVCache:
+    """An empty paged cache: zeros of `[shards, layers, pages_per_shard, page_size, kv_heads,
+    head_dim]` (page 0 of each shard is the null page)."""
+    shape = (shards, config.num_hidden_layers, pages_per_shard, page_size, config.num_key_value_heads,
+             config.head_dim)
+    return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
 # ============================================================================================
 # Layers
 # ============================================================================================
@@ -372,6 +394,12 @@ class Attention(nn.Module):
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+        if isinstance(cache_index, paged.PAGED_INDEXES):  # a paged cache (QwenPaged)
+            out, new_cache = paged.cached_attention(q, k, v, mask, layer_cache, cache_index,
+                                                    attention=attention, dtype=cfg.dtype)
+            out = out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
+            return dense(cfg.hidden_size, ("q_heads", "embed"), cfg.o_proj_bias, "o_proj")(out), new_cache
 
         new_cache = None
         if layer_cache is not None:
@@ -541,6 +569,82 @@ class Qwen(nn.Module):
         return out, KVCache(k=layer_caches[0], v=layer_caches[1], index=cache.index + seq)
 
 
+class QwenPaged(nn.Module):
+    """The Qwen forward over a paged cache (`PagedKVCache`), for continuous batching.
+
+    The same network and parameters as :class:`Qwen` (apply it to the same `params`); only the
+    cache differs: each row writes its tokens at its own positions into the pages of its page
+    table and attends through them (`effopd_jax.models.paged`), so rows of one batch may be at
+    different lengths and a finished row's slot can take a new prompt.
+    """
+
+    config: QwenConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, index: paged.PagedPrefill | paged.PagedDecode,
+                 cache: PagedKVCache, return_hidden_states: bool = False):
+        """Forward pass.
+
+        Args:
+          input_ids: [batch, seq] int token ids.
+          index: where the tokens go and what they read (`paged.PagedPrefill` for rows that
+            start empty, `paged.PagedDecode` for rows that continue); `index.positions` are the
+            RoPE positions too.
+          cache: the `PagedKVCache`.
+          return_hidden_states: return final-normed hidden states instead of logits.
+
+        Returns:
+          `(logits [batch, seq, vocab] float32 or hidden states [batch, seq, hidden], new_cache)`.
+        """
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        batch, seq = input_ids.shape
+        if index.positions.shape != (batch, seq) or index.valid.shape != (batch, seq):
+            raise ValueError(f"index.positions and index.valid must be {(batch, seq)}, got "
+                             f"{index.positions.shape} and {index.valid.shape}")
+        if cache.k.ndim != 6 or cache.k.shape[1] != cfg.num_hidden_layers:
+            raise ValueError(f"cache.k has shape {cache.k.shape}; expected [shards, layers={cfg.num_hidden_layers}, "
+                             "pages_per_shard, page_size, kv_heads, head_dim]")
+        mask = paged.prefill_mask(index) if isinstance(index, paged.PagedPrefill) else None
+        cos, sin = rope_cos_sin(jnp.maximum(index.positions, 0), cfg.head_dim, cfg.rope_theta)
+
+        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
+        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 1, nn.broadcast),  # the cache's layer axis
+                out_axes=1,
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            hidden, (new_k, new_v) = scanned(cfg, name="layers")(hidden, cos, sin, mask, (cache.k, cache.v), index)
+        else:
+            # Every layer gets the whole pool and writes its own `[i, ...]` part in place
+            # (`index.layer`), so no layer's pages are copied out and back.
+            new_k, new_v = cache.k, cache.v
+            for i in range(cfg.num_hidden_layers):
+                hidden, (new_k, new_v) = DecoderLayer(cfg, name=f"layers_{i}")(
+                    hidden, cos, sin, mask, (new_k, new_v), index.replace(layer=i))
+
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        head = (embedding.T if cfg.tie_word_embeddings else
+                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
+        if return_hidden_states:
+            out = hidden
+        else:
+            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        return out, PagedKVCache(k=new_k, v=new_v)
+
+
 # ============================================================================================
 # Parameter helpers
 # ============================================================================================
@@ -663,6 +767,21 @@ class QwenFamily(ModelFamily):
     def cache_logical_axes(self, config: QwenConfig) -> KVCache:
         kv = ("layers", "act_batch", "act_length", "act_kv_heads", None)
         return KVCache(k=kv, v=kv, index=())
+
+    def init_paged_cache(self, config: QwenConfig, *, shards: int, pages_per_shard: int, page_size: int,
+                         dtype: Any) -> PagedKVCache:
+        return init_paged_cache(config, shards=shards, pages_per_shard=pages_per_shard,
+                                page_size=page_size, dtype=dtype)
+
+    def paged_cache_logical_axes(self, config: QwenConfig) -> PagedKVCache:
+        kv = ("act_batch", "layers", None, None, "act_kv_heads", None)
+        return PagedKVCache(k=kv, v=kv)
+
+    def apply_paged(self, config: QwenConfig, params: Any, input_ids: Array, *,
+                    index: paged.PagedPrefill | paged.PagedDecode, cache: PagedKVCache,
+                    return_hidden_states: bool = False) -> tuple[Array, PagedKVCache]:
+        return QwenPaged(config).apply({"params": params}, input_ids, index, cache,
+                                       return_hidden_states=return_hidden_states)
 
     def layout(self, config: QwenConfig) -> ModelLayout:
         flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))

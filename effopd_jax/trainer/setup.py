@@ -21,7 +21,7 @@ from effopd_jax import convert, data, models, monitor
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models import ModelConfig
 from effopd_jax.objectives import OPDLoss
-from effopd_jax.rollout import RolloutEngine, make_rollout_engine
+from effopd_jax.rollout import RolloutEngine, engine_options, make_rollout_engine
 from effopd_jax.sampling import SamplingSettings
 from effopd_jax.teachers import Teacher, TeacherPrompts, TeacherSet
 
@@ -265,6 +265,7 @@ def rollout_engines(config: ml_collections.ConfigDict, model_config: ModelConfig
         purpose: make_rollout_engine(
             config.rollout.engine, model_config=model_config, mesh=mesh,
             prompt_length=config.data.max_prompt_length,
+            options=engine_options(config.rollout.engine, config.rollout),
             settings=SamplingSettings(max_new_tokens=max_new, temperature=temperature, **common))
         for purpose, (temperature, max_new) in budgets.items()
     }

@@ -28,6 +28,7 @@ from effopd_jax import config as config_lib
 from effopd_jax import models, plan, published_configs
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.effopd import effopd, find_effopd_state
+from effopd_jax.trainer import setup
 from effopd_jax.trainer.state import init_optimizer_state
 from helpers_tiny import REPO_ROOT
 
@@ -229,6 +230,35 @@ def test_tiny_config_fits_a_v5e_2x2_slice():
     assert result.programs["update"].alias_bytes < 1.5 * state_bytes  # ... split 4 ways, not replicated
     teacher_split, teacher_whole = qwen3_param_counts(teacher)
     assert result.programs["teacher_scoring"].argument_bytes >= (teacher_split // 4 + teacher_whole) * 4
+
+
+@needs_libtpu
+def test_continuous_rollout_is_planned_with_a_page_pool_that_follows_slots_not_rows():
+    devices = plan.target_devices(plan.parse_target("v5e:2x2"))
+    cache = plan.CompileCache()
+
+    def rollout_step(prompts_per_step: int) -> plan.ProgramMemory:
+        config = load_config(TINY_CONFIG)  # mesh data=-1: 4 batch shards
+        config.rollout.update(engine="continuous", slots=4, page_size=16)
+        config.data.prompts_per_step = prompts_per_step
+        config_lib.validate_config(config, for_plan=True)
+        mesh = setup.make_mesh(config, devices)
+        step = plan.abstract_step(config, mesh)
+        programs = plan.rollout_programs(step, "rollout", step.student_params(), {})
+        assert list(programs) == ["rollout_step", "rollout_finish"]
+        return plan.measure(programs["rollout_step"], mesh, compile_fn=cache)
+
+    small, large = rollout_step(8), rollout_step(16)
+    assert small.exact and large.exact
+    student = read_json(os.path.join(REPO_ROOT, "configs", "tiny", "qwen3_h32.json"))
+    per_position = 2 * student["num_hidden_layers"] * student["num_key_value_heads"] * student["head_dim"] * 4
+    # Per device: one slot, the pages of one longest row (256 + 24 - 1 positions) + the null page.
+    pool_bytes = (math.ceil((256 + 24 - 1) / 16) + 1) * 16 * per_position
+    assert small.alias_bytes >= pool_bytes  # the donated pool comes back in place
+    # Twice the rows: the pool and the temporaries stay; only the rows' own arrays grow (the
+    # static engine's dense cache would grow by 2 * (256 + 24) * per_position per device).
+    assert large.temp_bytes <= small.temp_bytes
+    assert large.alias_bytes - small.alias_bytes < pool_bytes / 8
 
 
 @needs_libtpu

@@ -214,7 +214,8 @@ SAMPLING_CASES = [
 def test_sample_next_token_frequencies_pass_chi_square(case):
     num_samples = 40_000
     logits = jnp.broadcast_to(jnp.asarray(TOY_LOGITS), (num_samples, TOY_LOGITS.size))
-    tokens, logprobs = jax.jit(lambda l, k: sampling.sample_next_token(l, k, **case))(logits, jax.random.key(0))
+    keys = jax.random.split(jax.random.key(0), num_samples)  # one key per row
+    tokens, logprobs = jax.jit(lambda l, k: sampling.sample_next_token(l, k, **case))(logits, keys)
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     expected = numpy_sampling_probs(TOY_LOGITS, **case)
     if case.get("top_k") == 5:
@@ -346,6 +347,60 @@ def test_eos_stops_rows_and_pads_the_rest(config, params):
     assert any(int(l) == MAX_NEW for l in out.lengths)  # a row without EOS runs to the end
 
 
+def test_a_rows_draws_depend_only_on_the_key_its_index_in_the_step_and_the_position(config, params, full_forward):
+    """Per-row keys: a permutation of the step's rows, a sub-batch of them or other batch-mates
+    sample exactly the same tokens for each row, given its index in the step."""
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, top_k=40)
+    key = jax.random.key(21)
+    padded = sampling.pad_prompts(PROMPTS)  # rows 0, 1, 2 (+ a dummy row 3)
+
+    def run(order, row_ids, extra=()):
+        prompts = [PROMPTS[i] for i in order] + list(extra)
+        ids, mask = np.zeros((4, padded.ids.shape[1]), np.int32), np.zeros((4, padded.ids.shape[1]), bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, ids.shape[1] - len(prompt):], mask[row, ids.shape[1] - len(prompt):] = prompt, True
+        out = sampling.generate_padded(config, params, ids, mask, key, row_ids=np.asarray(row_ids, np.int32), **kwargs)
+        return np.asarray(out.tokens), np.asarray(out.logprobs)
+
+    tokens, logprobs = run([0, 1, 2], [0, 1, 2, 3])
+    # The definition, token by token for row 1: the uncached forward's logits at each position,
+    # drawn with the key fold_in(fold_in(key, 1), t).
+    sequence = list(PROMPTS[1])
+    for t in range(MAX_NEW):
+        ids = np.zeros(len(PROMPTS[1]) + MAX_NEW, np.int32)
+        ids[: len(sequence)] = sequence
+        logits = full_forward(params, ids)[len(sequence) - 1]
+        row_key = jax.random.fold_in(jax.random.fold_in(key, 1), t)
+        token, _ = sampling.sample_next_token(logits[None], row_key[None], temperature=1.0, top_k=40)
+        assert int(token[0]) == tokens[1, t], t
+        sequence.append(int(token[0]))
+    permuted, permuted_logprobs = run([2, 0, 1], [2, 0, 1, 3])
+    np.testing.assert_array_equal(permuted[[1, 2, 0]], tokens[:3])
+    np.testing.assert_allclose(permuted_logprobs[[1, 2, 0]], logprobs[:3], atol=1e-6)
+    # Row 1 alone, next to other prompts (another batch composition), in another place.
+    alone, _ = run([1], [1, 7, 8, 9], extra=[[4, 4, 4], [9, 8], [70, 1, 2, 3, 5]])
+    np.testing.assert_array_equal(alone[0], tokens[1])
+    # A row's index is what its draws depend on: the same prompt as row 5 samples other tokens.
+    renamed, _ = run([0, 1, 2], [5, 1, 2, 3])
+    assert (renamed[0] != tokens[0]).any()
+    np.testing.assert_array_equal(renamed[1:3], tokens[1:3])
+
+
+def test_token_keys_are_fold_in_of_row_then_position():
+    key = jax.random.key(4)
+    keys = sampling.token_keys(key, jnp.asarray([0, 3, 7]), jnp.asarray([2, 0, 5]))
+    for i, (row, position) in enumerate([(0, 2), (3, 0), (7, 5)]):
+        want = jax.random.fold_in(jax.random.fold_in(key, row), position)
+        np.testing.assert_array_equal(jax.random.key_data(keys[i]), jax.random.key_data(want))
+    raw = sampling.token_keys(jax.random.key_data(key), jnp.asarray([3]), 0)  # raw uint32[2] keys too
+    np.testing.assert_array_equal(raw[0], jax.random.key_data(keys[1]))
+    # A row's draw depends on its key alone, not on the other rows of the batch.
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50)), jnp.float32)
+    tokens, _ = sampling.sample_next_token(logits, keys, temperature=1.0)
+    alone, _ = sampling.sample_next_token(logits[1:2], keys[1:2], temperature=1.0)
+    assert int(alone[0]) == int(tokens[1])
+
+
 def test_seeds(config, params):
     kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0)
     a = sampling.generate(config, params, PROMPTS, seed=11, **kwargs)
@@ -377,7 +432,7 @@ def test_cache_buffers_are_donated(config, params):
     settings = sampling.SamplingSettings(max_new_tokens=4)
     cache = init_cache(config, padded.ids.shape[0], padded.ids.shape[1] + 4, jnp.float32)
     lowered = sampling._sample_padded_jit.lower(
-        params, padded.ids, padded.mask, jax.random.key(0), cache, config=config, settings=settings, mesh=None
+        params, padded.ids, padded.mask, jax.random.key(0), None, cache, config=config, settings=settings, mesh=None
     )
     # k, v and index of the cache (the last three inputs) alias outputs.
     assert lowered.as_text().count("tf.aliasing_output") == 3
@@ -395,6 +450,11 @@ def test_sharded_greedy_equals_single_device(config, params):
     sharded = sampling.generate(config, sharded_params, prompts, max_new_tokens=MAX_NEW, temperature=0.0, mesh=mesh)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+    # Sampled: per-row keys make the draws independent of the device layout too.
+    single_sampled = sampling.generate(config, params, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=5)
+    sharded_sampled = sampling.generate(config, sharded_params, prompts, max_new_tokens=MAX_NEW, temperature=1.0,
+                                        seed=5, mesh=mesh)
+    np.testing.assert_array_equal(sharded_sampled.tokens, single_sampled.tokens)
     # The low-level API returns the rows split over ('data', 'fsdp') on all 8 devices.
     padded = sampling.pad_prompts(prompts, batch_multiple=sampling.batch_shards(mesh))
     out = sampling.generate_padded(

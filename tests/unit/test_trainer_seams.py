@@ -90,7 +90,7 @@ def test_static_engine_is_the_sampler_on_left_padded_prompts(mesh, student_param
 
 def test_engine_registry_refuses_unknown_names_and_accepts_new_engines(mesh):
     settings = sampling.SamplingSettings(max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"unknown rollout engine 'paged'; registered: \('static',\)"):
+    with pytest.raises(ValueError, match=r"unknown rollout engine 'paged'; registered: \('continuous', 'static'\)"):
         rollout.make_rollout_engine("paged", model_config=CONFIG, settings=settings, mesh=mesh, prompt_length=4)
 
     class Recording:
