@@ -116,6 +116,7 @@ def _moved_to_teachers(name: str, placeholder_type: type) -> Field:
 _sampled_token = Equals("loss.name", "sampled_token")
 _with_eval_files = NonEmpty("data.eval_files")
 _effopd_on = Equals("effopd.enabled", True)
+_paper_rule = AllOf((_effopd_on, Equals("effopd.rule", "paper")))
 
 FIELDS: tuple[Field, ...] = (
     Field("seed", 0, Int(0, MAX_SEED), "seed of the run: data order, sampling"),
@@ -188,17 +189,34 @@ FIELDS: tuple[Field, ...] = (
     Field("optimizer.grad_clip", 1.0, Real(low=0.0, low_open=True), "global-norm gradient clip"),
     # EffOPD.
     Field("effopd.enabled", False, Bool(), "extrapolate the update at trigger steps, keeping the best candidate"),
-    Field("effopd.max_candidates", 5, Int(1), "candidates per search (multipliers 3, 5, 7, ...)",
+    Field("effopd.rule", "paper", Choice(("paper", "followup")),
+          "`paper`: the paper's rule (searches at steps 1, 2, 4, ..., ladder 3, 5, 7, ..., strict `>`, the "
+          "anchor moves to the accepted point); `followup`: the authors' later rule (a search at every step, "
+          "ladder 1 + k*2*(1 - progress)*(1 - last accepted score), ties accepted, the anchor fixed at the "
+          "initial student) [beyond the paper]",
+          applies_when=_effopd_on),
+    Field("effopd.max_candidates", 5, Int(1), "candidates per search (multipliers 3, 5, 7, ... under `paper`)",
           applies_when=_effopd_on),
     Field("effopd.trigger", "pow2", Int(1, special=("pow2",), digit_strings=True),
           "search at steps 1, 2, 4, 8, ... (`pow2`) or every N-th step; `--config.effopd.trigger=4` "
           "arrives as the string '4', which counts as 4",
-          applies_when=_effopd_on),
+          applies_when=_paper_rule),
     Field("effopd.val_files", (), PromptFiles(PROMPT_FILE_SUFFIXES), "prompts the candidates are scored on",
           applies_when=_effopd_on),
-    Field("effopd.val_max_prompts", 64, Int(0), "score on the first N validation prompts; 0: all",
+    Field("effopd.val_max_prompts", 64, Int(0),
+          "score on the first N validation prompts; 0: all (fewer is cheaper and noisier: approximate)",
           applies_when=_effopd_on),
-    Field("effopd.val_max_new_tokens", 0, Int(0), "response length cap when scoring; 0: `rollout.max_new_tokens`",
+    Field("effopd.val_max_new_tokens", 0, Int(0),
+          "response length cap when scoring; 0: `rollout.max_new_tokens` (a shorter cap is approximate: "
+          "cut-off answers score 0)",
+          applies_when=_effopd_on),
+    Field("effopd.val_batch_prompts", 0, Int(0),
+          "validation prompts per decoding call; 0: the step's rows. Smaller batches let `val_early_stop` "
+          "stop sooner; a multiple of the process count times data*fsdp",
+          applies_when=_effopd_on),
+    Field("effopd.val_early_stop", True, Bool(),
+          "stop decoding a candidate once it can no longer beat the incumbent (the incumbent's failures "
+          "first); exact: the decisions of decoding every prompt",
           applies_when=_effopd_on),
     Field("effopd.val_temperature", 1.0, Real(low=0.0), "sampling temperature when scoring; 0: greedy",
           applies_when=_effopd_on),
@@ -210,6 +228,14 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_with_eval_files),
     Field("eval.max_new_tokens", 0, Int(0), "eval response length cap; 0: `rollout.max_new_tokens`",
           applies_when=_with_eval_files),
+    Field("eval.kl_prompts", 0, Int(0),
+          "exact held-out reverse KL(student || teacher) over the full vocabulary at every evaluation, on "
+          "the responses the initial student sampled (once) to the first N eval prompts; 0: off",
+          applies_when=_with_eval_files),
+    Field("eval.kl_warn_rises", 3, Int(1),
+          "warn (naming the learning rate) when the exact held-out KL has risen over this many "
+          "evaluations in a row",
+          applies_when=AllOf((_with_eval_files, Greater("eval.kl_prompts", 0)))),
     # Devices.
     Field("mesh.data", -1, Int(1, special=(-1,)), "data-parallel axis size; -1: the devices left"),
     Field("mesh.fsdp", 1, Int(1, special=(-1,)), "parameter-sharding axis size; -1: the devices left"),
