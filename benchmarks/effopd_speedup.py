@@ -1,7 +1,7 @@
 """EffOPD's speed-up over plain OPD on the demo task, over asset seeds x run seeds.
 
     python benchmarks/effopd_speedup.py [--asset_seeds 0 1 2 3 4] [--run_seeds 0 1 2] [--rule paper]
-                                        [--full_scoring_check] [--out runs/demo_bench] [--fast]
+                                        [--full_scoring_check [RUN_SEED ...]] [--out runs/demo_bench] [--fast]
 
 For every asset seed (task files, SFT teacher and student, cached in ``runs/demo/cache`` and
 shared with ``make demo``) and every run seed (rollout sampling and data order of the OPD runs),
@@ -18,8 +18,8 @@ identical settings, EffOPD not tuned per seed). Printed, as a table:
 
 Wall-clock: the sum of per-step seconds (rollout, teacher, update and EffOPD's validation
 decoding), measured in one process with the OPD run first; a shared machine makes it noisy, so
-the load (``/proc/loadavg``) is printed before and after. ``--full_scoring_check`` reruns each
-EffOPD arm with ``effopd.val_early_stop=False`` and reports whether every decision was the same
+the load (``/proc/loadavg``) is printed before and after. ``--full_scoring_check`` reruns the
+EffOPD arm of every comparison (or of the given run seeds) with ``effopd.val_early_stop=False`` and reports whether every decision was the same
 and what early stopping saved (prompts, tokens, seconds). A comparison where EffOPD never
 reaches the target (or OPD gains nothing) has no speed-up: it is counted and left out of the
 speed-up means, never given a made-up value.
@@ -28,7 +28,9 @@ speed-up means, never given a made-up value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -104,8 +106,9 @@ def compare(asset_seed: int, run_seed: int, args) -> dict:
     base = demo_settings.fast_settings(asset_seed) if args.fast else demo_settings.DemoSettings(seed=asset_seed)
     settings = dataclasses.replace(base, run_seed=run_seed, effopd_rule=args.rule)
     out = os.path.join(args.out, f"asset{asset_seed}_run{run_seed}")
-    summary = demo.run_demo(settings, out, foresight=False, assets_dir=demo_settings.DEFAULT_OUT,
-                            log=lambda *a, **k: None)
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' progress bars
+        summary = demo.run_demo(settings, out, foresight=False, assets_dir=demo_settings.DEFAULT_OUT,
+                                log=lambda *a, **k: None)
     validation = summary["effopd"]["validation"]
     row = {
         "asset_seed": asset_seed,
@@ -128,7 +131,7 @@ def compare(asset_seed: int, run_seed: int, args) -> dict:
         "val_tokens": validation["tokens_decoded"],
         "accepted": [s["accepted"] for s in summary["effopd"]["searches"]],
     }
-    if args.full_scoring_check:
+    if args.full_scoring_check is not None and (not args.full_scoring_check or run_seed in args.full_scoring_check):
         from examples.demo.configs import demo_config  # noqa: PLC0415
 
         full_settings = dataclasses.replace(settings, effopd_val_early_stop=False)
@@ -138,7 +141,8 @@ def compare(asset_seed: int, run_seed: int, args) -> dict:
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(workdir, ignore_errors=True)
-        records = demo._train(config, workdir, lambda *a, **k: None)
+        with contextlib.redirect_stdout(io.StringIO()):
+            records = demo._train(config, workdir, lambda *a, **k: None)
         full = demo.validation_cost(records)
         row["full_same_decisions"] = same_decisions(summary["effopd"]["searches"], demo.effopd_searches(records))
         row["full_same_curve"] = [p["accuracy"] for p in summary["effopd"]["curve"]] == [
@@ -149,7 +153,8 @@ def compare(asset_seed: int, run_seed: int, args) -> dict:
     return row
 
 
-def print_table(rows: list[dict], full_check: bool) -> None:
+def print_table(rows: list[dict]) -> None:
+    full_check = any("full_same_decisions" in r for r in rows)
     header = (f"{'asset':>5} {'run':>3} | {'teacher':>7} {'student':>7} {'bar':>3} | {'OPD fin':>7} {'Eff fin':>7} | "
               f"{'OPD st':>6} {'Eff st':>6} {'x steps':>7} {'x wall':>6} | {'val pts':>7} {'decoded':>7} "
               f"{'skipped':>7} {'val s':>6}")
@@ -163,13 +168,13 @@ def print_table(rows: list[dict], full_check: bool) -> None:
                 f"{fmt(r['opd_steps'], '6d'):>6} {fmt(r['effopd_steps'], '6d'):>6} {fmt(r['speedup_steps'], '7.2f'):>7} "
                 f"{fmt(r['speedup_wallclock'], '6.2f'):>6} | {r['val_points']:7d} {r['val_prompts']:7d} "
                 f"{r['val_skipped']:7d} {r['val_seconds']:6.1f}")
-        if full_check:
+        if "full_same_decisions" in r:
             saved = 1 - r["val_tokens"] / r["full_val_tokens"] if r["full_val_tokens"] else 0.0
             line += f" | {'yes' if r['full_same_decisions'] and r['full_same_curve'] else 'NO':>4} {saved:9.1%}"
         print(line)
 
 
-def print_summary(rows: list[dict], full_check: bool) -> None:
+def print_summary(rows: list[dict]) -> None:
     present = lambda key: [r[key] for r in rows if r[key] is not None]  # noqa: E731
     gaps = [r["effopd_final"] - r["opd_final"] for r in rows]
     print(f"pairs meeting the bar (teacher >= 0.9, student >= 0.3 below): "
@@ -183,6 +188,12 @@ def print_summary(rows: list[dict], full_check: bool) -> None:
     print(f"speed-up in wall-clock      {format_ci(present('speedup_wallclock'), 2)}")
     print(f"EffOPD validation seconds   {format_ci(present('val_seconds'), 2)} "
           f"(of {format_ci(present('effopd_seconds'), 1)} s per EffOPD run)")
+    for asset_seed in sorted({r["asset_seed"] for r in rows}):
+        mine = [r for r in rows if r["asset_seed"] == asset_seed]
+        steps = [r["speedup_steps"] for r in mine if r["speedup_steps"] is not None]
+        wall = [r["speedup_wallclock"] for r in mine if r["speedup_wallclock"] is not None]
+        print(f"  asset seed {asset_seed}: speed-up in steps {format_ci(steps, 2)}, wall-clock {format_ci(wall, 2)}, "
+              f"EffOPD - OPD final {format_ci([r['effopd_final'] - r['opd_final'] for r in mine])}")
     missing = [(r["asset_seed"], r["run_seed"]) for r in rows if r["speedup_steps"] is None]
     if missing:
         print(f"no speed-up (EffOPD never reached the target, or OPD gained nothing): {missing}")
@@ -195,12 +206,14 @@ def print_summary(rows: list[dict], full_check: bool) -> None:
     decoded = sum(r["val_prompts"] for r in rows)
     print(f"early-stopped validation: {skipped} of {skipped + decoded} prompt decodes skipped "
           f"({skipped / max(skipped + decoded, 1):.1%})")
-    if full_check:
-        same = all(r["full_same_decisions"] and r["full_same_curve"] for r in rows)
-        tokens = sum(r["val_tokens"] for r in rows)
-        full_tokens = sum(r["full_val_tokens"] for r in rows)
-        seconds, full_seconds = sum(r["val_seconds"] for r in rows), sum(r["full_val_seconds"] for r in rows)
-        print(f"full-scoring rerun: decisions and accuracy curves identical in every comparison: {same}; "
+    checked = [r for r in rows if "full_same_decisions" in r]
+    if checked:
+        same = all(r["full_same_decisions"] and r["full_same_curve"] for r in checked)
+        tokens = sum(r["val_tokens"] for r in checked)
+        full_tokens = sum(r["full_val_tokens"] for r in checked)
+        seconds, full_seconds = sum(r["val_seconds"] for r in checked), sum(r["full_val_seconds"] for r in checked)
+        print(f"full-scoring rerun of {len(checked)} comparisons: decisions and accuracy curves identical in every "
+              f"one: {same}; "
               f"validation tokens {tokens} vs {full_tokens} ({1 - tokens / max(full_tokens, 1):.1%} saved), "
               f"validation seconds {seconds:.1f} vs {full_seconds:.1f}")
 
@@ -210,8 +223,9 @@ def main() -> None:
     parser.add_argument("--asset_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--run_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rule", choices=("paper", "followup"), default="paper", help="EffOPD's rule (effopd.rule)")
-    parser.add_argument("--full_scoring_check", action="store_true",
-                        help="rerun each EffOPD arm without early-stopped validation and compare")
+    parser.add_argument("--full_scoring_check", type=int, nargs="*", default=None, metavar="RUN_SEED",
+                        help="rerun the EffOPD arm without early-stopped validation and compare, for these run "
+                             "seeds (no seed given: all)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "demo_bench"))
     parser.add_argument("--fast", action="store_true", help="the test-sized variant (numbers meaningless)")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
@@ -227,9 +241,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print_table(rows, args.full_scoring_check)
+    print_table(rows)
     print()
-    print_summary(rows, args.full_scoring_check)
+    print_summary(rows)
     print(f"load after: {load()}; {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

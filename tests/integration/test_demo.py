@@ -412,3 +412,22 @@ def test_early_stopped_validation_makes_the_same_decisions_end_to_end(tmp_path, 
         skipped += e["effopd/val_prompts_skipped"]
     assert searches == (3 if rule == "paper" else 4)  # updates 1, 2, 4 / every update
     assert skipped > 0  # the comparison is not vacuous: some candidate stopped early
+
+
+def test_intervention_replaces_the_top_subspace_at_equal_norm():
+    """The foresight study's perturbation (examples/demo/foresight.py, finding (d))."""
+    from examples.demo.foresight import replace_top_subspace
+
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((24, 2)))[0]
+    v = np.linalg.qr(rng.standard_normal((16, 2)))[0]
+    delta = (u * [5.0, 3.0]) @ v.T + 0.05 * rng.standard_normal((24, 16))
+    new = replace_top_subspace(delta, 2, np.random.default_rng(1))
+    assert np.linalg.norm(new) == pytest.approx(np.linalg.norm(delta), rel=1e-12)
+    top = lambda m: np.linalg.svd(m)[0][:, :2]  # noqa: E731
+    overlap = lambda a, b: float(np.sum((a.T @ b) ** 2) / 2)  # noqa: E731
+    assert overlap(top(delta), u) > 0.99  # the original's top subspace is the planted one
+    assert overlap(top(new), u) < 0.3  # the replacement's is not (random: about 2/24)
+    # Its singular values are kept (up to the rescaling by the norm).
+    np.testing.assert_allclose(np.linalg.svd(new, compute_uv=False)[:2], [5.0, 3.0], rtol=0.1)
+    assert np.array_equal(replace_top_subspace(np.zeros((3, 2)), 1, rng), np.zeros((3, 2)))
