@@ -887,6 +887,7 @@ def effopd_host_search(
     *,
     score_fn: ScoreFn | ItemwiseScore,
     updates: optax.Updates | None = None,
+    extrapolate: Callable[[optax.Params, PyTree, jax.Array], optax.Params] | None = None,
 ) -> tuple[optax.Params, PyTree, EffOPDSearchReport]:
     """Runs the EffOPD search with an arbitrary Python scorer (sampling, answer checking, ...).
 
@@ -923,6 +924,11 @@ def effopd_host_search(
         with the decisions, points and exact scores of scoring every item; the report then also
         says how many items each point was scored on.
       updates: see above (arrays or nnx Variables).
+      extrapolate: ``extrapolate(θ, anchor, m) -> candidate`` replacing the rule's
+        θ_B + m·(θ − θ_B) (``anchor`` holds ``optax.MaskedNode()`` off the filter), e.g.
+        ``effopd_jax.lora.LoRA.effopd_extrapolation()`` (low-rank adapters extrapolated in the merged
+        space). The accepted candidate becomes the params and, on the filtered leaves, the anchor.
+        Default None: the rule above (and, with ``updates``, bit-identity with the jit driver).
 
     Returns:
       ``(new_params, new_opt_state, report)``: the accepted point (θ itself on rollback), the
@@ -965,7 +971,10 @@ def effopd_host_search(
     carry = _search_start_jit(theta_score, num_candidates)
     while not bool(jax.device_get(carry.done)):
         multiplier = multipliers[int(jax.device_get(carry.num_scored))]
-        candidate = _candidate_point_jit(params, updates, state.anchor, multiplier)
+        if extrapolate is None:
+            candidate = _candidate_point_jit(params, updates, state.anchor, multiplier)
+        else:
+            candidate = extrapolate(theta, state.anchor, multiplier)
         score, values, _ = score_point(candidate, np.float32(jax.device_get(carry.best_score)), incumbent_values)
         del candidate  # free it before the next candidate is built
         carry = _search_advance_jit(carry, score, followup)
@@ -975,6 +984,8 @@ def effopd_host_search(
     held_index = int(jax.device_get(carry.held_index))
     if held_index == 0:
         new_params = theta  # rollback: θ exactly
+    elif extrapolate is not None:
+        new_params = extrapolate(theta, state.anchor, multipliers[best_index - 1])
     elif updates is None:
         new_params = _candidate_point_jit(params, None, state.anchor, multipliers[held_index - 1])
     else:
