@@ -2,6 +2,7 @@
 
     python benchmarks/effopd_speedup.py [--asset_seeds 0 1 2 3 4] [--run_seeds 0 1 2] [--rule paper]
                                         [--full_scoring_check [RUN_SEED ...]] [--out runs/demo_bench] [--fast]
+                                        [--json FILE] | --load FILE [FILE ...]
 
 For every asset seed (task files, SFT teacher and student, cached in ``runs/demo/cache`` and
 shared with ``make demo``) and every run seed (rollout sampling and data order of the OPD runs),
@@ -229,7 +230,26 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "demo_bench"))
     parser.add_argument("--fast", action="store_true", help="the test-sized variant (numbers meaningless)")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
+    parser.add_argument("--load", nargs="+", default=[], metavar="JSON",
+                        help="run nothing: print the table and summary of the rows in these --json files "
+                             "(e.g. run seeds measured in separate invocations)")
     args = parser.parse_args()
+
+    if args.load:
+        rows, rules = [], set()
+        for path in args.load:
+            with open(path) as f:
+                saved = json.load(f)
+            rows += saved["rows"]
+            rules.add(saved["rule"])
+            print(f"{path}: {len(saved['rows'])} comparisons, rule {saved['rule']}, measured on {saved['machine']}")
+        if len(rules) > 1:
+            raise SystemExit(f"--load: the files mix EffOPD rules {sorted(rules)}; load one rule at a time")
+        print()
+        print_table(rows)
+        print()
+        print_summary(rows)
+        return
 
     print(f"machine: {machine()}; load before: {load()}; rule: {args.rule}; "
           f"{'fast' if args.fast else 'full'} settings", flush=True)
