@@ -68,10 +68,11 @@ class DemoSettings:
     eval_every: int = 2
     prompts_per_step: int = 64
     # Constant LR, no warm-up, as the authors. Small steps, as in the paper's regime (lr 1e-6 on
-    # Qwen3-1.7B): OPD then climbs steadily along a consistent direction. Measured on seed 0
-    # (48 steps): 1e-5 -> 0.383 to 0.60, steady; 3e-5 -> 0.65 with most of the gain in the first
-    # 8 steps; 1e-4 -> 0.67 with the gain in the first 4 steps, then a noisy plateau on which
-    # EffOPD has nothing to extrapolate; 1e-3 collapses the student (fresh-AdamW sign-like steps).
+    # Qwen3-1.7B): OPD then climbs steadily along a consistent direction. Measured on seed 0's
+    # earlier assets (a fixed-step student at 0.383; 48 steps): 1e-5 -> 0.383 to 0.60, steady;
+    # 3e-5 -> 0.65 with most of the gain in the first 8 steps; 1e-4 -> 0.67 with the gain in the
+    # first 4 steps, then a noisy plateau on which EffOPD has nothing to extrapolate; 1e-3
+    # collapses the student (fresh-AdamW sign-like steps).
     learning_rate: float = 1e-5
     effopd_val_prompts: int = 64
     effopd_max_candidates: int = 5
