@@ -338,7 +338,7 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_with_eval_files),
     Field("eval.kl_warn_rises", 3, Int(1),
           "warn (naming the learning rate) when the exact held-out KL has risen over this many "
-          "evaluations in a row",
+          "evaluations in a row, or stayed above its first value for as many",
           applies_when=AllOf((_with_eval_files, Greater("eval.kl_prompts", 0)))),
     # Devices.
     Field("mesh.data", -1, Int(1, special=(-1,)), "data-parallel axis size; -1: the devices left"),

@@ -384,7 +384,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """mean@n, pass@n and response length on the evaluation set (same samples every time);
         with ``eval.kl_prompts`` also the exact held-out reverse KL (``eval/exact_reverse_kl``),
-        warning when it has risen over ``eval.kl_warn_rises`` evaluations in a row."""
+        warning when it has risen over ``eval.kl_warn_rises`` evaluations in a row or stayed above its
+        first value for as many (:func:`~effopd_jax.trainer.heldout.kl_rise_warning`)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), 1_000_003)
         result = self.sampled_accuracy(self.student_params(), self.prompts.eval, key, engine="eval",
                                        samples_per_prompt=self.config.eval.samples_per_prompt)

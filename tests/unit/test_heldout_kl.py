@@ -101,17 +101,25 @@ def test_sample_prefixes_pads_to_the_row_multiple_and_masks_the_padding():
     ([0.5, 0.6, 0.7, 0.8], 3, True),            # three rises in a row
     ([0.9, 0.5, 0.6, 0.7, 0.8], 3, True),       # after a fall, the last three rose
     ([0.5, 0.6, 0.7], 3, False),                # only two evaluations after the first
-    ([0.5, 0.6, 0.6, 0.8], 3, False),           # a flat step breaks the streak
+    ([0.9, 0.5, 0.6, 0.6, 0.8], 3, False),      # a flat step breaks the streak (and below the first)
     ([0.8, 0.7, 0.6, 0.5], 3, False),           # falling: the student approaches the teacher
-    ([0.5, 0.7, 0.6, 0.8, 0.9], 3, False),      # noisy
+    ([0.95, 0.5, 0.7, 0.6, 0.8, 0.9], 3, False),  # noisy, below the first value
     ([0.5, 0.6, math.nan, 0.8], 3, False),      # NaN is not a rise
     ([0.1, 0.2], 1, True),
+    # Above the first value for the last three evaluations without three rises (the demo at lr 1e-3).
+    ([1.185, 1.480, 1.486, 1.439], 3, True),
+    ([0.5, 0.7, 0.6, 0.8, 0.9], 3, True),       # noisy but away from the teacher
+    ([1.185, 1.480, 1.486, 1.1], 3, False),     # back below the first value
+    ([1.185, 1.480, 1.486], 3, False),          # too few evaluations
 ])
 def test_kl_warning_fires_on_a_rising_sequence_only(history, rises, fires):
     warning = kl_rise_warning(history, rises, learning_rate=1e-5)
     if fires:
         assert warning is not None and "optimizer.learning_rate=1e-05" in warning
         assert f"{history[-1]:.4g}" in warning and warning.startswith("WARNING")
+        rising = all(b > a for a, b in zip(history[-(rises + 1):], history[-rises:]))
+        assert ("rose over the last" in warning) == rising
+        assert ("stayed above its first value" in warning) == (not rising)
     else:
         assert warning is None
 
