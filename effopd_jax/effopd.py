@@ -985,7 +985,7 @@ def effopd_host_search(
     if held_index == 0:
         new_params = theta  # rollback: θ exactly
     elif extrapolate is not None:
-        new_params = extrapolate(theta, state.anchor, multipliers[best_index - 1])
+        new_params = extrapolate(theta, state.anchor, multipliers[held_index - 1])
     elif updates is None:
         new_params = _candidate_point_jit(params, None, state.anchor, multipliers[held_index - 1])
     else:
