@@ -186,6 +186,7 @@ _several_teachers = LongerThan("teachers", 1)
 _routed_by_tag = AllOf((_several_teachers, Equals("routing.mode", "data_source")))
 _with_eval_files = NonEmpty("data.eval_files")
 _effopd_on = Equals("effopd.enabled", True)
+_paper_rule = AllOf((_effopd_on, Equals("effopd.rule", "paper")))
 _lora_on = Equals("lora.enabled", True)
 
 FIELDS: tuple[Field, ...] = (
@@ -290,17 +291,34 @@ FIELDS: tuple[Field, ...] = (
     Field("optimizer.grad_clip", 1.0, Real(low=0.0, low_open=True), "global-norm gradient clip"),
     # EffOPD.
     Field("effopd.enabled", False, Bool(), "extrapolate the update at trigger steps, keeping the best candidate"),
-    Field("effopd.max_candidates", 5, Int(1), "candidates per search (multipliers 3, 5, 7, ...)",
+    Field("effopd.rule", "paper", Choice(("paper", "followup")),
+          "`paper`: the paper's rule (searches at steps 1, 2, 4, ..., ladder 3, 5, 7, ..., strict `>`, the "
+          "anchor moves to the accepted point); `followup`: the authors' later rule (a search at every step, "
+          "ladder 1 + k*2*(1 - progress)*(1 - last accepted score), ties accepted, the anchor fixed at the "
+          "initial student) [beyond the paper]",
+          applies_when=_effopd_on),
+    Field("effopd.max_candidates", 5, Int(1), "candidates per search (multipliers 3, 5, 7, ... under `paper`)",
           applies_when=_effopd_on),
     Field("effopd.trigger", "pow2", Int(1, special=("pow2",), digit_strings=True),
           "search at steps 1, 2, 4, 8, ... (`pow2`) or every N-th step; `--config.effopd.trigger=4` "
           "arrives as the string '4', which counts as 4",
-          applies_when=_effopd_on),
+          applies_when=_paper_rule),
     Field("effopd.val_files", (), PromptFiles(PROMPT_FILE_SUFFIXES), "prompts the candidates are scored on",
           applies_when=_effopd_on),
-    Field("effopd.val_max_prompts", 64, Int(0), "score on the first N validation prompts; 0: all",
+    Field("effopd.val_max_prompts", 64, Int(0),
+          "score on the first N validation prompts; 0: all (fewer is cheaper and noisier: approximate)",
           applies_when=_effopd_on),
-    Field("effopd.val_max_new_tokens", 0, Int(0), "response length cap when scoring; 0: `rollout.max_new_tokens`",
+    Field("effopd.val_max_new_tokens", 0, Int(0),
+          "response length cap when scoring; 0: `rollout.max_new_tokens` (a shorter cap is approximate: "
+          "cut-off answers score 0)",
+          applies_when=_effopd_on),
+    Field("effopd.val_batch_prompts", 0, Int(0),
+          "validation prompts per decoding call; 0: the step's rows. Smaller batches let `val_early_stop` "
+          "stop sooner; a multiple of the process count times data*fsdp",
+          applies_when=_effopd_on),
+    Field("effopd.val_early_stop", True, Bool(),
+          "stop decoding a candidate once it can no longer beat the incumbent (the incumbent's failures "
+          "first); exact: the decisions of decoding every prompt",
           applies_when=_effopd_on),
     Field("effopd.val_temperature", 1.0, Real(low=0.0), "sampling temperature when scoring; 0: greedy",
           applies_when=_effopd_on),
@@ -331,6 +349,14 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_with_eval_files),
     Field("eval.max_new_tokens", 0, Int(0), "eval response length cap; 0: `rollout.max_new_tokens`",
           applies_when=_with_eval_files),
+    Field("eval.kl_prompts", 0, Int(0),
+          "exact held-out reverse KL(student || teacher) over the full vocabulary at every evaluation, on "
+          "the responses the initial student sampled (once) to the first N eval prompts; 0: off",
+          applies_when=_with_eval_files),
+    Field("eval.kl_warn_rises", 3, Int(1),
+          "warn (naming the learning rate) when the exact held-out KL has risen over this many "
+          "evaluations in a row, or stayed above its first value for as many",
+          applies_when=AllOf((_with_eval_files, Greater("eval.kl_prompts", 0)))),
     # Devices.
     Field("mesh.data", -1, Int(1, special=(-1,)), "data-parallel axis size; -1: the devices left"),
     Field("mesh.fsdp", 1, Int(1, special=(-1,)), "parameter-sharding axis size; -1: the devices left"),
@@ -437,6 +463,24 @@ def _effopd_has_val_files(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _heldout_kl_has_one_teacher(values: Mapping[str, Any]) -> str | tuple[str, str] | None:
+    """The exact held-out KL compares the student with one fixed teacher on the student's prompts."""
+    if not values["eval.kl_prompts"]:
+        return None
+    teachers = values["teachers"]
+    if len(teachers) != 1:
+        return f"the exact held-out KL is to one teacher, got {len(teachers)} teachers; set eval.kl_prompts=0"
+    teacher = teachers[0]
+    if teacher["model"] == "student_live":
+        return "teachers[0].model", ("'student_live' is the student itself, so the held-out KL to it is 0; "
+                                     "set eval.kl_prompts=0")
+    if (teacher["tokenizer"] or teacher["chat_template"] or teacher["context_template"]
+            or teacher["chat_template_kwargs"] is not None):
+        return "eval.kl_prompts", ("the exact held-out KL scores the student's own prompt ids, but teachers[0] "
+                                   "renders its own prompts; set eval.kl_prompts=0")
+    return None
+
+
 def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
     free = [axis for axis in ("data", "fsdp", "tensor") if values[f"mesh.{axis}"] == -1]
     if len(free) > 1:
@@ -458,6 +502,8 @@ CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule("routing", "with `routing.mode='data_source'`: a tag belongs to one teacher, every teacher lists tags "
               "or is `routing.default_teacher`, which names a teacher or is `''`", _routing_tags),
     CrossRule("effopd.val_files", "`effopd.enabled` needs a non-empty `effopd.val_files`", _effopd_has_val_files),
+    CrossRule("eval.kl_prompts", "`eval.kl_prompts` > 0 needs one teacher (not `student_live`) that scores the "
+              "student's prompt ids", _heldout_kl_has_one_teacher),
     CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
     CrossRule("lora.dropout", "`lora.dropout` is 0 (LoRA dropout is refused for on-policy log-probs)", _no_lora_dropout),
 )

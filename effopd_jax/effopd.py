@@ -33,6 +33,29 @@ Both drivers build candidates with ``_candidate_point``/``_candidate_updates`` a
 the same functions); with the same scores they make the same decisions and produce bit-identical
 parameters and anchors (tested).
 
+The authors' later rule (``effopd(rule="followup", total_steps=T)``; their follow-up repository
+``caiyuchen-ustc/On_Policy_Vector_Training`` at ``d158361``, ``verl/workers/fsdp_workers.py``,
+``_iterative_test_and_modify``; ``docs/effopd_rule.md#the-authors-later-rule``). Beyond the paper,
+off by default:
+
+  at every update t = 1, 2, 3, ...:
+  a  = 2 · (1 − progress) · r,  progress = clip((t − 1)/max(1, T − 1), 0, 1)
+                                r = 1 − (score of the last strictly improving candidate), 1 at first
+  θ_k = θ_0 + (1 + k·a) · (θ − θ_0),  k = 1..K   # θ_0: the initial params, never moved
+  s_k > best: accept (best = s_k, r = 1 − s_k);  s_k = best: keep going from θ_k (a tie);
+  s_k < best: go back to the last strictly improving point (or θ) and stop;
+  after K candidates without a rejection the last one is kept, even a tie.
+
+(Their code applies θ ← θ + a·(θ − θ_0) with a ← a/(1 + a) after each accepted or tied candidate;
+1 + k·a is that product in closed form.)
+
+Cheaper scoring with identical decisions (host driver): pass ``score_fn=ItemwiseScore(...)`` when
+the score is a mean of per-item values in [0, 1] (e.g. per-prompt correctness). θ is scored on
+every item; a candidate's items are scored a batch at a time, the incumbent's failures first, and
+its scoring stops as soon as even a perfect score on the remaining items could not beat the
+incumbent (``>``; ``>=`` under the later rule's ties). Every decision, every accepted point and
+every exact score are those of scoring every item (see :class:`ItemwiseScore`).
+
 Exactness: every scored point is exactly the point the trainer ends up holding. In the jit driver a
 candidate is scored as ``optax.apply_updates(params, u_k)`` where ``u_k`` is the update the
 transform would return for it, so ``apply_updates(params, returned_updates)`` equals the accepted
@@ -131,6 +154,107 @@ class EffOPDState(NamedTuple):
     last_search: EffOPDSearchInfo
 
 
+class EffOPDFollowupState(NamedTuple):
+    """State of ``effopd(rule="followup")``, the authors' later rule (module docstring).
+
+    Attributes:
+      count: int32 [] — updates applied so far.
+      anchor: θ_0 — the filtered leaves of the initial params (``MaskedNode`` elsewhere); never
+        moved by a search.
+      acc_rate: float32 [] — r = 1 − the score of the last strictly improving candidate (1.0
+        before any). The rule assumes the score is an accuracy in [0, 1].
+      total_steps: int32 [] — T, the run's length, for progress = (t − 1)/(T − 1).
+      multipliers: float32 [K] — the ladder of the most recent search, 1 + k·a (for reports).
+      search_due: bool [] — host mode: a search is due (every update).
+      last_search: :class:`EffOPDSearchInfo` of the most recent search.
+    """
+
+    count: jax.Array
+    anchor: PyTree
+    acc_rate: jax.Array
+    total_steps: jax.Array
+    multipliers: jax.Array
+    search_due: jax.Array
+    last_search: EffOPDSearchInfo
+
+
+RULES = ("paper", "followup")
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemwiseScore:
+    """A score that is the mean of per-item values in [0, 1], scored a batch of items at a time.
+
+    ``score(params) = mean_i v_i(params)`` over ``num_items`` items (e.g. ``v_i`` = correctness of
+    validation prompt i). Given as ``effopd_host_search(score_fn=...)`` it lets the search stop
+    scoring a candidate as soon as the candidate can no longer win, with the decisions of scoring
+    every item:
+
+    * θ (the first point of a search) is scored on every item, in the batches
+      ``[0, B), [B, 2B), ...`` (``B = batch_size``).
+    * A candidate is scored a batch at a time in :meth:`plan` order, the incumbent's (the point
+      the search holds) failures first; after each batch, the unscored items are counted as 1 (the
+      best they can be), and if even that bound ``u`` cannot win (``u <= best``, or ``u < best``
+      under the later rule, which accepts ties) the candidate is rejected without scoring the rest.
+    * Why the decisions are identical: the mean of values in [0, 1], computed in the same float
+      order, is non-decreasing in every value (IEEE rounding is monotone), so the exact score is
+      ``<= u`` and would have lost too; every accepted candidate is scored on every item, so the
+      incumbent's score, its per-item values and therefore the next candidate's plan are exactly
+      those of full scoring. With ``early_stop=False`` every item of every point is scored, in the
+      same batches (the reference the tests compare with).
+
+    Attributes:
+      score_items: ``(params, items) -> values``: ``items`` an int array of item indices (one
+        batch), ``values`` a float array ``[len(items)]`` in [0, 1].
+      num_items: the number of items.
+      batch_size: items per ``score_items`` call (the last batch of a plan may be shorter).
+      independent_items: True when an item's value depends only on ``(params, item)``, not on the
+        batch it shares (e.g. greedy decoding): a candidate's batches are then composed from the
+        incumbent's failures first. False (e.g. sampling keyed per batch): the fixed batches
+        ``[0, B), [B, 2B), ...`` are kept and only their order changes (most incumbent
+        failures first).
+      early_stop: False scores every item of every point.
+    """
+
+    score_items: Callable[[optax.Params, np.ndarray], Any]
+    num_items: int
+    batch_size: int
+    independent_items: bool = False
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_items", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ItemwiseScore.{name} must be an int >= 1; got {value!r}")
+
+    def plan(self, incumbent: np.ndarray | None) -> list[np.ndarray]:
+        """The batches of item indices, in scoring order; ``incumbent``: the incumbent's per-item
+        values (``None`` for θ: the fixed batches in index order)."""
+        fixed = [np.arange(start, min(start + self.batch_size, self.num_items))
+                 for start in range(0, self.num_items, self.batch_size)]
+        if incumbent is None:
+            return fixed
+        if self.independent_items:
+            order = np.lexsort((np.arange(self.num_items), incumbent))  # incumbent value, then index
+            return [order[start : start + self.batch_size] for start in range(0, self.num_items, self.batch_size)]
+        failures = [float(np.sum(1.0 - incumbent[batch])) for batch in fixed]
+        return [fixed[i] for i in sorted(range(len(fixed)), key=lambda i: (-failures[i], i))]
+
+    def score(self, values: np.ndarray) -> float:
+        """The score of a full vector of per-item values (also the bound, with 1 for unscored)."""
+        return float(np.mean(np.asarray(values, np.float64)))
+
+    def items_values(self, params: optax.Params, items: np.ndarray) -> np.ndarray:
+        """``score_items`` checked: a float64 array ``[len(items)]`` in [0, 1] (NaN kept)."""
+        values = np.asarray(self.score_items(params, items), np.float64)
+        if values.shape != (len(items),):
+            raise ValueError(f"ItemwiseScore.score_items returned shape {values.shape} for {len(items)} items")
+        if np.any((values < 0) | (values > 1)):
+            raise ValueError(f"ItemwiseScore.score_items returned values outside [0, 1]: {values}")
+        return values
+
+
 @dataclasses.dataclass(frozen=True)
 class EffOPDSearchReport:
     """Host-side summary of one search, for logs (Python numbers).
@@ -145,6 +269,17 @@ class EffOPDSearchReport:
     accepted_index: int
     accepted_multiplier: float
     num_evals: int
+    # Only with an ItemwiseScore (empty otherwise): per evaluated point, the items it was scored on
+    # and whether its score is exact (False: scoring stopped early and ``scores[i]`` is the upper
+    # bound that decided the rejection; the exact score is at most that).
+    items_scored: tuple[int, ...] = ()
+    exact: tuple[bool, ...] = ()
+    num_items: int = 0
+
+    @property
+    def items_skipped(self) -> int:
+        """Items an ItemwiseScore did not have to score (0 without one)."""
+        return self.num_items * len(self.items_scored) - sum(self.items_scored)
 
     @classmethod
     def from_state(cls, opt_state: PyTree) -> "EffOPDSearchReport":
@@ -364,10 +499,13 @@ def _candidate_point(
 
 class _SearchCarry(NamedTuple):
     num_scored: jax.Array  # int32 []: candidates scored so far
-    best_index: jax.Array  # int32 []: 0 = θ, k = candidate k
+    best_index: jax.Array  # int32 []: the last strict improvement: 0 = θ, k = candidate k
     best_score: jax.Array  # float32 []
     scores: jax.Array  # float32 [K+1]
     done: jax.Array  # bool []
+    # int32 []: the point held (= best_index, except after a tie under the later rule, which goes
+    # on from the tied candidate and falls back to best_index only if a later one is worse).
+    held_index: jax.Array
 
 
 def _as_score(value: Any) -> jax.Array:
@@ -386,25 +524,31 @@ def _search_start(theta_score: jax.Array, num_candidates: int) -> _SearchCarry:
         best_score=theta_score,
         scores=jnp.full((num_candidates + 1,), jnp.nan, jnp.float32).at[0].set(theta_score),
         done=jnp.asarray(num_candidates == 0),
+        held_index=jnp.zeros((), jnp.int32),
     )
 
 
-def _search_advance(carry: _SearchCarry, score: jax.Array) -> _SearchCarry:
+def _search_advance(carry: _SearchCarry, score: jax.Array, accept_ties: bool = False) -> _SearchCarry:
     """Records the score of candidate ``num_scored + 1``; accepts it only on strict improvement.
 
     The search stops at the first candidate that does not improve (NaN never improves) or after
-    the last candidate.
+    the last candidate. ``accept_ties`` (the later rule, static): an equal score does not stop the
+    search; the tied candidate is held, and a later worse one falls back to ``best_index``.
     """
     score = _as_score(score)
     num_candidates = carry.scores.shape[0] - 1
     index = carry.num_scored + 1
     improved = score > carry.best_score
+    tied = jnp.logical_and(score == carry.best_score, accept_ties)
+    goes_on = jnp.logical_or(improved, tied)
+    best_index = jnp.where(improved, index, carry.best_index)
     return _SearchCarry(
         num_scored=index,
-        best_index=jnp.where(improved, index, carry.best_index),
+        best_index=best_index,
         best_score=jnp.where(improved, score, carry.best_score),
         scores=carry.scores.at[index].set(score),
-        done=jnp.logical_or(jnp.logical_not(improved), index >= num_candidates),
+        done=jnp.logical_or(jnp.logical_not(goes_on), index >= num_candidates),
+        held_index=jnp.where(goes_on, index, best_index),
     )
 
 
@@ -413,8 +557,8 @@ def _search_info(carry: _SearchCarry, multipliers: jax.Array, step: jax.Array) -
     return EffOPDSearchInfo(
         step=jnp.asarray(step, jnp.int32),
         scores=carry.scores,
-        accepted_index=carry.best_index,
-        accepted_multiplier=ladder[carry.best_index],
+        accepted_index=carry.held_index,
+        accepted_multiplier=ladder[carry.held_index],
         num_evals=carry.num_scored + 1,
     )
 
@@ -436,6 +580,20 @@ def _is_trigger(step: jax.Array, trigger: str | int) -> jax.Array:
     return step % trigger == 0
 
 
+def _followup_multipliers(step: jax.Array, acc_rate: jax.Array, total_steps: jax.Array,
+                          num_candidates: int) -> jax.Array:
+    """The later rule's ladder 1 + k·a, k = 1..K, a = 2·(1 − progress)·r (module docstring)."""
+    denominator = jnp.maximum(total_steps - 1, 1).astype(jnp.float32)
+    progress = jnp.clip((step - 1).astype(jnp.float32) / denominator, 0.0, 1.0)
+    factor = 2.0 * (1.0 - progress) * acc_rate.astype(jnp.float32)
+    return 1.0 + jnp.arange(1, num_candidates + 1, dtype=jnp.float32) * factor
+
+
+def _followup_acc_rate(carry: _SearchCarry, acc_rate: jax.Array) -> jax.Array:
+    """r after a search: 1 − the score of its last strict improvement, unchanged without one."""
+    return jnp.where(carry.best_index > 0, 1.0 - carry.best_score, acc_rate).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Jit driver.
 
@@ -447,28 +605,33 @@ def _jit_search(
     multipliers: jax.Array,
     score_fn: ScoreFn,
     step: jax.Array,
-) -> tuple[optax.Updates, PyTree, EffOPDSearchInfo]:
-    """The whole search as traced code: returns (new updates, new anchor, diagnostics).
+    *,
+    accept_ties: bool = False,
+    move_anchor: bool = True,
+) -> tuple[optax.Updates, PyTree, EffOPDSearchInfo, _SearchCarry]:
+    """The whole search as traced code: returns (new updates, new anchor, diagnostics, carry).
 
     Only scalars are carried through the ``while_loop``; the accepted point is rebuilt from its
     index afterwards, so the peak memory is one candidate tree on top of params, updates, anchor.
+    ``accept_ties`` / ``move_anchor``: False / True for the paper's rule, True / False for the later one.
     """
     num_candidates = multipliers.shape[0]
     carry = _search_start(score_fn(_theta_point(params, updates)), num_candidates)
 
     def body(carry: _SearchCarry) -> _SearchCarry:
         multiplier = multipliers[carry.num_scored]
-        return _search_advance(carry, score_fn(_candidate_point(params, updates, anchor, multiplier)))
+        score = score_fn(_candidate_point(params, updates, anchor, multiplier))
+        return _search_advance(carry, score, accept_ties)
 
     carry = lax.while_loop(lambda c: jnp.logical_not(c.done), body, carry)
-    accepted_multiplier = multipliers[jnp.maximum(carry.best_index - 1, 0)]
+    accepted_multiplier = multipliers[jnp.maximum(carry.held_index - 1, 0)]
     new_updates = lax.cond(
-        carry.best_index == 0,
+        carry.held_index == 0,
         lambda: updates,  # rollback: θ exactly as the inner optimizer produced it
         lambda: _candidate_updates(params, updates, anchor, accepted_multiplier),
     )
-    new_anchor = _anchor_from_point(optax.apply_updates(params, new_updates), anchor)
-    return new_updates, new_anchor, _search_info(carry, multipliers, step)
+    new_anchor = _anchor_from_point(optax.apply_updates(params, new_updates), anchor) if move_anchor else anchor
+    return new_updates, new_anchor, _search_info(carry, multipliers, step), carry
 
 
 def effopd(
@@ -479,6 +642,8 @@ def effopd(
     multipliers: Sequence[float] | None = None,
     anchor_dtype: Any = None,
     search: str = "jit",
+    rule: str = "paper",
+    total_steps: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """EffOPD as an optax transform; put it last: ``optax.chain(optax.adamw(lr), effopd())``.
 
@@ -509,14 +674,33 @@ def effopd(
       search: ``"jit"`` — ``update`` needs ``score_fn=`` (traceable) and runs the search itself;
         ``"host"`` — ``update`` takes no ``score_fn``, only counts, passes updates through and sets
         ``state.search_due`` at trigger steps; run :func:`effopd_host_search` after it.
+      rule: ``"paper"`` (default: the rule above, as in the paper's code) or ``"followup"`` — the
+        authors' later rule (module docstring): a search at every update, the ladder
+        1 + k·2·(1 − progress)·r, ties accepted, the anchor fixed at the initial params. It needs
+        ``total_steps``, assumes scores are accuracies in [0, 1], and takes neither ``trigger``,
+        ``multipliers`` nor ``anchor_dtype``. [beyond the paper]
+      total_steps: T, the run's number of updates (``rule="followup"`` only).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is :class:`EffOPDState`.
+      An ``optax.GradientTransformationExtraArgs`` whose state is :class:`EffOPDState`
+      (:class:`EffOPDFollowupState` for ``rule="followup"``).
 
     Raises:
       ValueError: on a bad option (the message names it), on ``update`` without ``params``, with a
         missing / unexpected ``score_fn``, or a non-scalar score.
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    if rule == "followup":
+        for name, value, default in (("trigger", trigger, "pow2"), ("multipliers", multipliers, None),
+                                     ("anchor_dtype", anchor_dtype, None)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} does not apply to rule='followup' (it searches at every "
+                                 "update along 1 + k·a from the initial params)")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
+            raise ValueError(f"rule='followup' needs total_steps, an int >= 1; got {total_steps!r}")
+    elif total_steps is not None:
+        raise ValueError("total_steps applies to rule='followup' only")
     if multipliers is None:
         if max_candidates is None:
             max_candidates = 5
@@ -545,7 +729,17 @@ def effopd(
         raise ValueError(f"search must be 'jit' or 'host'; got {search!r}")
     selects = _make_path_predicate(param_filter)
 
-    def init_fn(params: optax.Params) -> EffOPDState:
+    def init_fn(params: optax.Params) -> EffOPDState | EffOPDFollowupState:
+        if rule == "followup":
+            return EffOPDFollowupState(
+                count=jnp.zeros((), jnp.int32),
+                anchor=_make_anchor(params, selects, None),
+                acc_rate=jnp.ones((), jnp.float32),
+                total_steps=jnp.asarray(total_steps, jnp.int32),
+                multipliers=jnp.ones((len(ladder),), jnp.float32),
+                search_due=jnp.zeros((), jnp.bool_),
+                last_search=_empty_info(len(ladder)),
+            )
         return EffOPDState(
             count=jnp.zeros((), jnp.int32),
             anchor=_make_anchor(params, selects, anchor_dtype),
@@ -566,7 +760,7 @@ def effopd(
         if params is None:
             raise ValueError("effopd.update needs params (θ = params + updates)")
         step = state.count + 1  # 1-based index of this update
-        is_trigger = _is_trigger(step, trigger)
+        is_trigger = _is_trigger(step, trigger if rule == "paper" else 1)
         if search == "host":
             if score_fn is not None:
                 raise ValueError("effopd(search='host').update takes no score_fn; pass it to effopd_host_search")
@@ -576,9 +770,15 @@ def effopd(
                 "effopd(search='jit').update needs score_fn=<traceable fn(params) -> scalar>; "
                 "use effopd(search='host') with effopd_host_search for an untraceable scorer"
             )
+        if rule == "followup":  # a search at every update
+            ladder_now = _followup_multipliers(step, state.acc_rate, state.total_steps, len(ladder))
+            new_updates, _, info, carry = _jit_search(params, updates, state.anchor, ladder_now, score_fn, step,
+                                                      accept_ties=True, move_anchor=False)
+            return new_updates, state._replace(count=step, acc_rate=_followup_acc_rate(carry, state.acc_rate),
+                                               multipliers=ladder_now, last_search=info)
         new_updates, new_anchor, info = lax.cond(
             is_trigger,
-            lambda: _jit_search(params, updates, state.anchor, state.multipliers, score_fn, step),
+            lambda: _jit_search(params, updates, state.anchor, state.multipliers, score_fn, step)[:3],
             lambda: (updates, state.anchor, state.last_search),
         )
         return new_updates, EffOPDState(
@@ -597,7 +797,7 @@ def effopd(
 
 
 def _is_effopd_state(x: Any) -> bool:
-    return isinstance(x, EffOPDState)
+    return isinstance(x, (EffOPDState, EffOPDFollowupState))
 
 
 def _find_effopd_node(opt_state: PyTree) -> EffOPDState:
@@ -673,9 +873,11 @@ def effopd_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
 _candidate_point_jit = jax.jit(_candidate_point)
 _candidate_updates_jit = jax.jit(_candidate_updates)
 _search_start_jit = jax.jit(_search_start, static_argnums=1)
-_search_advance_jit = jax.jit(_search_advance)
+_search_advance_jit = jax.jit(_search_advance, static_argnums=2)
 _search_info_jit = jax.jit(_search_info)
 _anchor_from_point_jit = jax.jit(_anchor_from_point)
+_followup_multipliers_jit = jax.jit(_followup_multipliers, static_argnums=3)
+_followup_acc_rate_jit = jax.jit(_followup_acc_rate)
 _apply_updates_jit = jax.jit(optax.apply_updates)
 
 
@@ -683,7 +885,7 @@ def effopd_host_search(
     params: optax.Params,
     opt_state: PyTree,
     *,
-    score_fn: ScoreFn,
+    score_fn: ScoreFn | ItemwiseScore,
     updates: optax.Updates | None = None,
     extrapolate: Callable[[optax.Params, PyTree, jax.Array], optax.Params] | None = None,
 ) -> tuple[optax.Params, PyTree, EffOPDSearchReport]:
@@ -717,6 +919,10 @@ def effopd_host_search(
         optax state, or the tree of nnx Variables of ``nnx.Optimizer.opt_state``).
       score_fn: ``score_fn(params) -> float`` (higher is better), called 1 to K + 1 times with
         candidate parameter trees (device arrays, no Variables); scores are compared in float32.
+        Or an :class:`ItemwiseScore` (a mean of per-item values in [0, 1]): candidates are then
+        scored a batch of items at a time and a candidate that can no longer win stops early,
+        with the decisions, points and exact scores of scoring every item; the report then also
+        says how many items each point was scored on.
       updates: see above (arrays or nnx Variables).
       extrapolate: ``extrapolate(θ, anchor, m) -> candidate`` replacing the rule's
         θ_B + m·(θ − θ_B) (``anchor`` holds ``optax.MaskedNode()`` off the filter), e.g.
@@ -738,48 +944,103 @@ def effopd_host_search(
             "effopd_host_search: no search is due (state.search_due is False); call it only when "
             "effopd_search_due(opt_state) is True, with a chain ending in effopd(search='host')"
         )
-    multipliers = state.multipliers
+    followup = isinstance(state, EffOPDFollowupState)
+    if followup:  # the later rule: this search's ladder from progress and r
+        multipliers = _followup_multipliers_jit(state.count, state.acc_rate, state.total_steps,
+                                                int(state.multipliers.shape[0]))
+    else:
+        multipliers = state.multipliers
     num_candidates = int(multipliers.shape[0])
     ladder = np.asarray(jax.device_get(multipliers))
+    scorer = score_fn if isinstance(score_fn, ItemwiseScore) else None
+    items_scored: list[int] = []
+    exact: list[bool] = []
+
+    def score_point(point, bar, incumbent_values):
+        """(score, per-item values or None, complete) of one point; see ItemwiseScore."""
+        if scorer is None:
+            return _as_score(score_fn(point)), None, True
+        values, num_scored, bound = _score_items_until_decided(
+            scorer, point, incumbent_values, bar=bar, accept_ties=followup)
+        items_scored.append(num_scored)
+        exact.append(bound is None)
+        return _as_score(scorer.score(values) if bound is None else bound), values, bound is None
 
     theta = params if updates is None else _apply_updates_jit(params, updates)
-    carry = _search_start_jit(_as_score(score_fn(theta)), num_candidates)
+    theta_score, incumbent_values, _ = score_point(theta, None, None)
+    carry = _search_start_jit(theta_score, num_candidates)
     while not bool(jax.device_get(carry.done)):
         multiplier = multipliers[int(jax.device_get(carry.num_scored))]
         if extrapolate is None:
             candidate = _candidate_point_jit(params, updates, state.anchor, multiplier)
         else:
             candidate = extrapolate(theta, state.anchor, multiplier)
-        score = _as_score(score_fn(candidate))
+        score, values, _ = score_point(candidate, np.float32(jax.device_get(carry.best_score)), incumbent_values)
         del candidate  # free it before the next candidate is built
-        carry = _search_advance_jit(carry, score)
+        carry = _search_advance_jit(carry, score, followup)
+        if values is not None and int(jax.device_get(carry.held_index)) == int(jax.device_get(carry.num_scored)):
+            incumbent_values = values  # held (accepted or tied): complete, the next plan's reference
 
-    best_index = int(jax.device_get(carry.best_index))
-    if best_index == 0:
+    held_index = int(jax.device_get(carry.held_index))
+    if held_index == 0:
         new_params = theta  # rollback: θ exactly
     elif extrapolate is not None:
-        new_params = extrapolate(theta, state.anchor, multipliers[best_index - 1])
+        new_params = extrapolate(theta, state.anchor, multipliers[held_index - 1])
     elif updates is None:
-        new_params = _candidate_point_jit(params, None, state.anchor, multipliers[best_index - 1])
+        new_params = _candidate_point_jit(params, None, state.anchor, multipliers[held_index - 1])
     else:
-        new_updates = _candidate_updates_jit(params, updates, state.anchor, multipliers[best_index - 1])
+        new_updates = _candidate_updates_jit(params, updates, state.anchor, multipliers[held_index - 1])
         new_params = _apply_updates_jit(params, new_updates)
     info = _search_info_jit(carry, multipliers, state.count)
-    new_state = state._replace(
-        anchor=_anchor_from_point_jit(new_params, state.anchor),
-        search_due=jnp.zeros((), jnp.bool_),
-        last_search=info,
-    )
+    if followup:  # the anchor stays θ_0; r follows the last strict improvement
+        new_state = state._replace(
+            acc_rate=_followup_acc_rate_jit(carry, state.acc_rate), multipliers=multipliers,
+            search_due=jnp.zeros((), jnp.bool_), last_search=info)
+    else:
+        new_state = state._replace(
+            anchor=_anchor_from_point_jit(new_params, state.anchor),
+            search_due=jnp.zeros((), jnp.bool_),
+            last_search=info,
+        )
     num_evals = int(jax.device_get(info.num_evals))
     scores = np.asarray(jax.device_get(carry.scores))
     report = EffOPDSearchReport(
         step=int(jax.device_get(state.count)),
         multipliers=tuple(float(m) for m in np.concatenate([[1.0], ladder])[:num_evals]),
         scores=tuple(float(s) for s in scores[:num_evals]),
-        accepted_index=best_index,
-        accepted_multiplier=1.0 if best_index == 0 else float(ladder[best_index - 1]),
+        accepted_index=held_index,
+        accepted_multiplier=1.0 if held_index == 0 else float(ladder[held_index - 1]),
         num_evals=num_evals,
+        items_scored=tuple(items_scored),
+        exact=tuple(exact),
+        num_items=0 if scorer is None else scorer.num_items,
     )
     new_opt_state = replace_effopd_state(opt_state, new_state)
     new_params = _write_values(given_params, new_params, "effopd_host_search params")
     return new_params, new_opt_state, report
+
+
+def _score_items_until_decided(
+    scorer: ItemwiseScore, point: optax.Params, incumbent_values: np.ndarray | None, *,
+    bar: np.float32 | None, accept_ties: bool,
+) -> tuple[np.ndarray, int, float | None]:
+    """Scores ``point`` batch by batch in ``scorer.plan(incumbent_values)`` order.
+
+    Returns ``(values, num_scored, bound)``: the per-item values (unscored items hold 1, the best
+    they could be), how many items were scored, and ``None`` when every item was scored, else the
+    upper bound ``u = scorer.score(values)`` that decided the rejection: ``u <= bar`` (strict
+    rule) or ``u < bar`` (ties accepted), compared in float32 as the search compares scores.
+    ``bar=None`` (θ) scores everything.
+    """
+    values = np.ones((scorer.num_items,))
+    batches = scorer.plan(incumbent_values)
+    num_scored = 0
+    for done, batch in enumerate(batches, start=1):
+        values[batch] = scorer.items_values(point, batch)
+        num_scored += len(batch)
+        if bar is None or not scorer.early_stop or done == len(batches):
+            continue
+        bound = np.float32(scorer.score(values))
+        if bound < bar or (not accept_ties and bound == bar):
+            return values, num_scored, float(bound)
+    return values, num_scored, None

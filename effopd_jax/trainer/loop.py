@@ -28,12 +28,20 @@ from effopd_jax import config as config_lib
 from effopd_jax import data, grading, lora, models, objectives, preemption
 from effopd_jax import metrics as metrics_lib
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.effopd import effopd_host_search, effopd_search_due, find_effopd_state
+from effopd_jax.effopd import (
+    EffOPDSearchReport,
+    ItemwiseScore,
+    effopd_host_search,
+    effopd_search_due,
+    find_effopd_state,
+)
 from effopd_jax.objectives import OPDBatch
 from effopd_jax.rollout import Rollout
+from effopd_jax.sampling import batch_shards
 from effopd_jax.sharding import to_host
 from effopd_jax.teachers import TeacherStepStats
 from effopd_jax.trainer import setup
+from effopd_jax.trainer.heldout import heldout_reverse_kl, kl_rise_warning, sample_prefixes
 from effopd_jax.trainer.state import FullFineTuning, NonFiniteUpdatesError, Parameterization, new_train_state
 from effopd_jax.trainer.step import make_optimizer, update_step
 
@@ -57,6 +65,19 @@ class Stopwatch:
 
     def since_start(self) -> float:
         return time.perf_counter() - self.start
+
+
+def format_search(report: EffOPDSearchReport) -> str:
+    """One log line of an EffOPD search: multipliers, scores (``<=x``: a bound, scoring stopped
+    early), the accepted multiplier and, with an itemwise score, the prompts decoded."""
+    scores = [f"{s:.4f}" if exact else f"<={s:.4f}"
+              for s, exact in zip(report.scores, report.exact or (True,) * len(report.scores))]
+    line = (f"effopd @ update {report.step}: multipliers {tuple(round(m, 4) for m in report.multipliers)} "
+            f"scores ({', '.join(scores)}) -> accepted x{report.accepted_multiplier:g}")
+    if report.num_items:
+        line += (f"; decoded {sum(report.items_scored)} of {report.num_items * len(report.items_scored)} "
+                 f"validation prompts")
+    return line
 
 
 class Trainer:
@@ -128,9 +149,15 @@ class Trainer:
         # The foresight monitor keeps W_0 = the initial student as the forward sees it (taken
         # before any resume): for adapters on a cast base, the merge of that base, so that
         # W_t - W_0 is exactly the merged update (A·B), not the base's rounding.
-        self.monitor = setup.make_monitor(config, parameterization.merge(trainable_params, self.frozen_params),
-                                          self.student_config)
+        initial_student = parameterization.merge(trainable_params, self.frozen_params)
+        self.monitor = setup.make_monitor(config, initial_student, self.student_config)
         del initial_params
+        # The exact held-out KL's fixed prefixes, sampled once from the initial student (so a
+        # resumed run recomputes the same ones).
+        self.kl_prefixes = self._sample_kl_prefixes(initial_student)
+        del initial_student
+        if config.effopd.enabled:
+            self.validation_batch_rows()  # refuses a bad effopd.val_batch_prompts before training
         self.checkpointer = checkpoint_lib.RunCheckpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints)
         self.data_iterator = data.train_iterator(
@@ -142,6 +169,11 @@ class Trainer:
         # Without a checkpoint nothing in an old metrics.jsonl is valid (resume_step=None clears it).
         self.metrics = metrics_lib.MetricsWriter(
             self.workdir, resume_step=self.start_step if resumed else None, enabled=self.is_main)
+        # The exact held-out KL of every evaluation so far (read back on resume), for the warning.
+        self.kl_history: list[float] = []
+        if resumed and self.is_main and os.path.exists(self.metrics.path):
+            self.kl_history = [float(r["eval/exact_reverse_kl"]) for r in metrics_lib.read_metrics(self.metrics.path)
+                               if r.get("kind") == "eval" and "eval/exact_reverse_kl" in r]
 
     def _choose_parameterization(self, given: Parameterization | None) -> Parameterization:
         if given is not None:
@@ -226,22 +258,21 @@ class Trainer:
 
     def effopd_search(self, step_key: jax.Array) -> dict:
         """EffOPD's host search at a trigger step: candidates scored by accuracy on the validation
-        set; the accepted point replaces the trainable params and moves the anchor."""
-        cfg = self.config
+        set; the accepted point replaces the trainable params (and, under the paper's rule, moves
+        the anchor).
+
+        The score is an :class:`~effopd_jax.effopd.ItemwiseScore` over the validation prompts
+        (:meth:`validation_scorer`): a candidate that can no longer beat the incumbent stops being
+        decoded (``effopd.val_early_stop``), with the decisions of decoding every prompt."""
         # Common random numbers: every candidate of one search is scored with the same key, so
         # the comparison between candidates is not drowned by sampling noise.
         val_key = jax.random.fold_in(step_key, 1)
-
-        def score_fn(candidate) -> float:
-            params = self.parameterization.merge(candidate, self.frozen_params)
-            return self.sampled_accuracy(params, self.prompts.validation, val_key, engine="validation",
-                                         samples_per_prompt=1)["mean_at_n"]
-
+        scorer, counters = self.validation_scorer(val_key)
         start = time.perf_counter()
         # A parameterization may extrapolate differently (LoRA: in the merged space).
         extrapolation = getattr(self.parameterization, "effopd_extrapolation", lambda: None)()
         theta, anchor = self.state.trainable_params, find_effopd_state(self.state.opt_state).anchor
-        params, opt_state, report = effopd_host_search(theta, self.state.opt_state, score_fn=score_fn,
+        params, opt_state, report = effopd_host_search(theta, self.state.opt_state, score_fn=scorer,
                                                        extrapolate=extrapolation)
         extra = {}
         if extrapolation is not None:
@@ -253,20 +284,77 @@ class Trainer:
         params = jax.device_put(params, self.state_shardings.trainable_params)
         opt_state = jax.device_put(opt_state, self.state_shardings.opt_state)
         self.state = self.state._replace(trainable_params=params, opt_state=opt_state)
-        self.log(
-            f"effopd @ update {report.step}: multipliers {report.multipliers} scores "
-            f"{tuple(round(s, 4) for s in report.scores)} -> accepted x{report.accepted_multiplier:g}")
+        self.log(format_search(report))
         return {
             "effopd/searched": True,
             "effopd/scores": list(report.scores),
+            "effopd/scores_exact": list(report.exact),
             "effopd/multipliers": list(report.multipliers),
             "effopd/accepted_multiplier": report.accepted_multiplier,
             "effopd/num_evals": report.num_evals,
+            "effopd/val_prompts_decoded": sum(report.items_scored),
+            "effopd/val_prompts_skipped": report.items_skipped,
+            "effopd/val_tokens": counters["tokens"],
             "effopd/seconds": time.perf_counter() - start,
             **extra,
         }
 
+    def validation_scorer(self, key: jax.Array) -> tuple[ItemwiseScore, dict]:
+        """EffOPD's score as an :class:`~effopd_jax.effopd.ItemwiseScore`: item i is 1 when the
+        ``"validation"`` engine's answer to validation prompt i is correct, else 0.
+
+        Batches hold ``effopd.val_batch_prompts`` prompts (0: the step's rows). Greedy scoring
+        (``effopd.val_temperature=0``) makes a prompt's result independent of its batch, so a
+        candidate's batches are composed from the incumbent's failures first; sampled scoring
+        keeps the fixed batches (batch ``[s, s + B)`` sampled with ``fold_in(key, s)``, as
+        :meth:`sampled_accuracy` does, so every point of a search sees the same draws) and only
+        reorders them. Returns the scorer and a dict whose ``tokens`` counts the response tokens
+        it decodes (real prompts, not the batch padding).
+        """
+        examples = self.prompts.validation
+        batch_rows = self.validation_batch_rows()
+        counters = {"tokens": 0}
+
+        def score_items(candidate, items: np.ndarray) -> np.ndarray:
+            params = self.parameterization.merge(candidate, self.frozen_params)
+            correct, lengths = self._grade_batch(
+                params, [examples[i] for i in items], jax.random.fold_in(key, int(items[0])),
+                engine="validation", batch_rows=batch_rows)
+            counters["tokens"] += int(np.sum(lengths))
+            return np.asarray(correct, np.float64)
+
+        scorer = ItemwiseScore(score_items, num_items=len(examples), batch_size=batch_rows,
+                               independent_items=self.config.effopd.val_temperature == 0,
+                               early_stop=self.config.effopd.val_early_stop)
+        return scorer, counters
+
+    def validation_batch_rows(self) -> int:
+        """Rows per validation decoding call (``effopd.val_batch_prompts``, 0: the step's rows)."""
+        rows = self.config.effopd.val_batch_prompts or self.rows_per_step
+        multiple = jax.process_count() * batch_shards(self.mesh)
+        if rows % multiple:
+            raise ValueError(f"config.effopd.val_batch_prompts={rows} must be a multiple of the process count "
+                             f"times the mesh's batch shards data*fsdp ({multiple})")
+        return rows
+
     # -- evaluation -------------------------------------------------------------------------
+
+    def _grade_batch(self, params: PyTree, examples, key: jax.Array, *, engine: str,
+                     batch_rows: int) -> tuple[list[float], list[int]]:
+        """Samples one answer to each of ``examples`` (at most ``batch_rows``; the batch is padded
+        to that static shape with copies of the last one) with ``self.engines[engine]`` and grades
+        them: ``(correct, response lengths)``. Every process passes its slice of the same rows."""
+        padded = list(examples) + [examples[-1]] * (batch_rows - len(examples))
+        per_process = batch_rows // jax.process_count()
+        mine = padded[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
+        out = self.engines[engine].generate(params, [e.prompt_token_ids for e in mine], key)
+        tokens, mask = to_host(out.response_ids), to_host(out.response_mask)
+        correct, lengths = [], []
+        for row, example in enumerate(examples):
+            text = self.tokenizer.decode(tokens[row][mask[row]], skip_special_tokens=True)
+            correct.append(grading.grade(text, example.answer, example.data_source))
+            lengths.append(int(mask[row].sum()))
+        return correct, lengths
 
     def sampled_accuracy(self, params: PyTree, examples, key: jax.Array, *, engine: str,
                          samples_per_prompt: int) -> dict:
@@ -274,22 +362,17 @@ class Trainer:
         mean@n, pass@n, mean response length.
 
         Every process samples the same rows (the prompt set is small) in fixed-size batches of
-        ``rows_per_step`` so the engine's compiled program is reused.
+        ``rows_per_step`` (batch ``[s, s + rows)`` with ``fold_in(key, s)``) so the engine's
+        compiled program is reused.
         """
         rows = [e for e in examples for _ in range(samples_per_prompt)]
-        batch_rows = self.rows_per_step // jax.process_count()
         correct, lengths = [], []
         for start in range(0, len(rows), self.rows_per_step):
-            chunk = rows[start : start + self.rows_per_step]
-            padded = chunk + [chunk[-1]] * (self.rows_per_step - len(chunk))  # static batch shape
-            mine = padded[jax.process_index() * batch_rows : (jax.process_index() + 1) * batch_rows]
-            out = self.engines[engine].generate(params, [e.prompt_token_ids for e in mine],
-                                                jax.random.fold_in(key, start))
-            tokens, mask = to_host(out.response_ids), to_host(out.response_mask)
-            for row, example in enumerate(chunk):
-                text = self.tokenizer.decode(tokens[row][mask[row]], skip_special_tokens=True)
-                correct.append(grading.grade(text, example.answer, example.data_source))
-                lengths.append(int(mask[row].sum()))
+            chunk_correct, chunk_lengths = self._grade_batch(
+                params, rows[start : start + self.rows_per_step], jax.random.fold_in(key, start),
+                engine=engine, batch_rows=self.rows_per_step)
+            correct += chunk_correct
+            lengths += chunk_lengths
         per_prompt = np.asarray(correct, np.float32).reshape(len(examples), samples_per_prompt)
         return {
             "mean_at_n": grading.mean_at_n(per_prompt),
@@ -299,11 +382,46 @@ class Trainer:
         }
 
     def evaluate(self, step: int) -> dict:
-        """mean@n, pass@n and response length on the evaluation set (same samples every time)."""
+        """mean@n, pass@n and response length on the evaluation set (same samples every time);
+        with ``eval.kl_prompts`` also the exact held-out reverse KL (``eval/exact_reverse_kl``),
+        warning when it has risen over ``eval.kl_warn_rises`` evaluations in a row or stayed above its
+        first value for as many (:func:`~effopd_jax.trainer.heldout.kl_rise_warning`)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), 1_000_003)
         result = self.sampled_accuracy(self.student_params(), self.prompts.eval, key, engine="eval",
                                        samples_per_prompt=self.config.eval.samples_per_prompt)
-        return {f"eval/{k}": v for k, v in result.items()} | {"step": step, "kind": "eval"}
+        record = {f"eval/{k}": v for k, v in result.items()} | {"step": step, "kind": "eval"}
+        if self.kl_prefixes is not None:
+            kl = self.heldout_kl()
+            self.kl_history.append(kl)
+            record["eval/exact_reverse_kl"] = kl
+            warning = kl_rise_warning(self.kl_history, self.config.eval.kl_warn_rises,
+                                      float(self.schedule(max(step - 1, 0))))
+            if warning:
+                self.log(f"step {step}: {warning}")
+                record["eval/kl_rising"] = True
+        return record
+
+    def heldout_kl(self) -> float:
+        """The exact held-out reverse KL(student || teacher) on the fixed prefixes
+        (:mod:`effopd_jax.trainer.heldout`): forward passes of both models, no sampling."""
+        with sharding_lib.sharding_context(self.mesh):
+            kl = self._heldout_kl(self.student_params(), self.teacher.teachers[0].params, self.kl_prefixes)
+        return float(jax.device_get(kl))
+
+    def _sample_kl_prefixes(self, initial_params: PyTree) -> Rollout | None:
+        """The initial student's responses to the first ``eval.kl_prompts`` eval prompts (None: off)."""
+        cfg = self.config
+        if not (cfg.eval.kl_prompts and self.prompts.eval):
+            return None
+        teacher_config = self.teacher.teachers[0].config  # one teacher (config CROSS_RULES)
+        self._heldout_kl = jax.jit(lambda student, teacher, prefixes: heldout_reverse_kl(
+            self.student_config, student, teacher_config, teacher, prefixes, chunk_size=cfg.loss.chunk_size))
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 2_000_003)
+        prompts = [e.prompt_token_ids for e in self.prompts.eval[: cfg.eval.kl_prompts]]
+        with sharding_lib.sharding_context(self.mesh):
+            return sample_prefixes(self.engines["rollout"], initial_params, prompts, key,
+                                   rows_multiple=jax.process_count() * batch_shards(self.mesh),
+                                   process_index=jax.process_index(), process_count=jax.process_count())
 
     def _eval_due(self, step: int) -> bool:
         if not self.prompts.eval:
@@ -375,7 +493,10 @@ class Trainer:
                 record["elapsed_seconds"] = elapsed
                 self.metrics.write(record)
                 last = record
-                bar.update(step, loss=float(record["loss"]), kl=float(record.get("reverse_kl", float("nan"))))
+                bar_fields = {"loss": float(record["loss"]), "kl": float(record.get("reverse_kl", float("nan")))}
+                if self.kl_history:  # the latest exact held-out KL (eval.kl_prompts)
+                    bar_fields["heldout_kl"] = self.kl_history[-1]
+                bar.update(step, **bar_fields)
                 consecutive = int(jax.device_get(self.state.consecutive_skips))
                 if consecutive >= cfg.max_consecutive_skips:
                     self.checkpointer.wait()

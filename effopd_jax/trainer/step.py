@@ -104,6 +104,10 @@ def make_optimizer(
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay),
     ]
     if effopd_config.enabled:
-        parts.append(effopd(max_candidates=effopd_config.max_candidates, trigger=effopd_config.trigger,
-                            param_filter=param_filter, search="host"))
+        if effopd_config.rule == "followup":  # the authors' later rule: no trigger, needs the run length
+            parts.append(effopd(max_candidates=effopd_config.max_candidates, param_filter=param_filter,
+                                search="host", rule="followup", total_steps=total_steps))
+        else:
+            parts.append(effopd(max_candidates=effopd_config.max_candidates, trigger=effopd_config.trigger,
+                                param_filter=param_filter, search="host"))
     return optax.chain(*parts), schedule

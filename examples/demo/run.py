@@ -74,6 +74,29 @@ def accuracy_curve(records: Sequence[dict]) -> list[dict]:
     return curve
 
 
+def effopd_searches(records: Sequence[dict]) -> list[dict]:
+    """Every EffOPD search of a run: step, multipliers tried, their scores (``exact`` False: a
+    bound, decoding stopped early), the accepted multiplier."""
+    return [{"step": r["step"], "multipliers": r["effopd/multipliers"], "scores": r["effopd/scores"],
+             "exact": r.get("effopd/scores_exact", [True] * len(r["effopd/scores"])),
+             "accepted": r["effopd/accepted_multiplier"]}
+            for r in records if r.get("effopd/searched")]
+
+
+def validation_cost(records: Sequence[dict]) -> dict:
+    """What EffOPD's validation decoding cost over a run: searches, points scored, prompts decoded
+    and skipped (early stop), response tokens decoded, seconds."""
+    searched = [r for r in records if r.get("effopd/searched")]
+    return {
+        "searches": len(searched),
+        "points_scored": sum(r["effopd/num_evals"] for r in searched),
+        "prompts_decoded": sum(r.get("effopd/val_prompts_decoded", 0) for r in searched),
+        "prompts_skipped": sum(r.get("effopd/val_prompts_skipped", 0) for r in searched),
+        "tokens_decoded": sum(r.get("effopd/val_tokens", 0) for r in searched),
+        "seconds": sum(r["effopd/seconds"] for r in searched),
+    }
+
+
 def first_reaching(curve: Sequence[dict], target: float) -> dict | None:
     """The first point of ``curve`` with ``accuracy >= target`` (None if none)."""
     return next((p for p in curve if p["accuracy"] >= target), None)
@@ -214,13 +237,19 @@ def run_demo(settings: DemoSettings, out_dir: str = DEFAULT_OUT, *, foresight: b
         warm.keep_checkpoints = 1
         _train(warm, os.path.join(runs_dir, f"warmup_{name}"), quiet)
 
-    curves = {}
+    curves, records = {}, {}
     for name in ("opd", "effopd"):
         log(f"== {name}: {settings.opd_steps} steps")
         config = demo_config(effopd=name == "effopd", settings=settings, assets=assets)
-        records = _train(config, os.path.join(runs_dir, name), log if name == "effopd" else quiet)
-        curves[name] = accuracy_curve(records)
+        records[name] = _train(config, os.path.join(runs_dir, name), log if name == "effopd" else quiet)
+        curves[name] = accuracy_curve(records[name])
     summary = summarize(curves["opd"], curves["effopd"], teacher_accuracy=assets.teacher_accuracy)
+    summary["effopd"]["searches"] = effopd_searches(records["effopd"])
+    summary["effopd"]["validation"] = validation_cost(records["effopd"])
+    for name in ("opd", "effopd"):
+        summary[name]["exact_reverse_kl"] = [
+            {"step": r["step"], "kl": r["eval/exact_reverse_kl"]} for r in records[name]
+            if r.get("kind") == "eval" and "eval/exact_reverse_kl" in r]
     summary["student_sft_accuracy"] = assets.student_accuracy
     summary["pair_meets_bar"] = pair_ok
     summary["settings"] = as_json(settings)

@@ -11,6 +11,11 @@ the model learns to stop):
 with ``m[b,t] = 1`` iff token ``t+1`` of row ``b`` is a response token. AdamW with a linear
 warm-up then cosine decay (or a constant rate), global-norm clipping, one jitted step. Greedy
 test accuracy comes from :func:`effopd_jax.sampling.generate` and the task's exact-match checker.
+
+Stopping: after ``steps`` steps, or (``stop_band=(low, high)``, the demo's student) at the first
+evaluation whose greedy accuracy on the task's ``validation.jsonl`` lies in ``[low, high]``
+(:class:`BandStop`): the student is then as weak as the band says on every seed, instead of
+wherever a fixed step count happens to leave it.
 The result is an HF checkpoint (``models.save_hf``) plus the tokenizer files, so the trainer loads it like any Qwen
 checkpoint. Everything is a function of the arguments and the seed (init, data order).
 """
@@ -59,11 +64,21 @@ class SFTSettings:
     # "constant": warm-up then the peak rate to the end (an under-trained model, stopped mid-run
     # in a flat region, that a later fine-tuning step of moderate size does not throw off).
     schedule: str = "cosine"
+    # Stopping rule: None trains exactly ``steps`` steps. ``(low, high)``: greedy accuracy on the
+    # task's validation split is measured every ``stop_eval_every`` steps and training stops at the
+    # first evaluation in [low, high] (``steps`` is then the most it may train); see BandStop.
+    stop_band: tuple[float, float] | None = None
+    stop_eval_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size"):
+        for name in ("steps", "batch_size", "eval_batch_size", "stop_eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTSettings.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.stop_band is not None:
+            low, high = self.stop_band
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"SFTSettings.stop_band: need 0 <= low <= high <= 1, got {self.stop_band}")
+            object.__setattr__(self, "stop_band", (float(low), float(high)))
         if self.learning_rate <= 0:
             raise ValueError(f"SFTSettings.learning_rate: must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -153,6 +168,50 @@ def make_sft_optimizer(settings: SFTSettings) -> optax.GradientTransformation:
     )
 
 
+class SFTStopError(RuntimeError):
+    """The SFT run could not stop inside ``SFTSettings.stop_band`` (the message says why)."""
+
+
+class BandStop:
+    """Where a band-stopped SFT run stops, from the validation accuracies measured along it.
+
+    The run evaluates every ``every`` steps and calls :meth:`decide` with each accuracy:
+
+    * in ``[low, high]``: ``"stop"`` -- keep this model;
+    * below ``low``: ``"continue"``; the trainer keeps a snapshot of this point;
+    * above ``high`` (the accuracy jumped over the band between two evaluations): ``"rewind"`` --
+      the trainer goes back to the last snapshot and replays the same steps (same data order,
+      bit-identical on one machine) evaluating after *every* step; a second jump over the band
+      then raises :class:`SFTStopError` (the band is narrower than one step's change).
+
+    Pure bookkeeping (no training), so the rule is testable on made-up accuracy sequences.
+    """
+
+    def __init__(self, band: tuple[float, float], every: int):
+        self.low, self.high = band
+        self.every = every
+        self.rewound = False
+        self.history: list[tuple[int, float]] = []
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after 1-based step ``step``."""
+        return self.rewound or step % self.every == 0
+
+    def decide(self, step: int, accuracy: float) -> str:
+        self.history.append((step, float(accuracy)))
+        if self.low <= accuracy <= self.high:
+            return "stop"
+        if accuracy < self.low:
+            return "continue"
+        if self.rewound:
+            raise SFTStopError(
+                f"SFTSettings.stop_band={(self.low, self.high)}: validation accuracy jumped over the band in one "
+                f"step ({self.history[-2:] if len(self.history) > 1 else self.history}); widen the band or lower "
+                f"the learning rate. Evaluations (step, accuracy): {self.history}")
+        self.rewound = True
+        return "rewind"
+
+
 def sft_step(params, opt_state, batch, *, config: QwenConfig, optimizer: optax.GradientTransformation):
     """One AdamW step on ``batch = (input_ids, attention_mask, loss_mask)``; returns (params, opt_state, loss)."""
     loss, grads = jax.value_and_grad(sft_loss)(params, config, *batch)
@@ -192,17 +251,27 @@ def run_sft(
 ) -> dict:
     """Trains ``model_config`` from a random init on ``task_dir/train.jsonl``; saves to ``out_dir``.
 
-    Reuses ``out_dir`` when its marker records the same architecture, settings and data files
-    (checked by size and mtime-free content hash of the row count), so repeated demos are cheap.
+    Trains ``settings.steps`` steps, or with ``settings.stop_band`` until the greedy validation
+    accuracy lands in the band (:class:`BandStop`). Reuses ``out_dir`` when its marker records the
+    same architecture, settings and data files (content digests), so repeated demos are cheap.
 
     Returns:
-      ``{"test_accuracy", "final_loss", "train_seconds", ...}`` (also written to the marker).
+      ``{"test_accuracy", "final_loss", "train_seconds", "steps_trained", ...}`` (also written to
+      the marker); with a band also ``validation_accuracy`` (where it stopped) and
+      ``validation_history`` (every ``[step, accuracy]`` evaluated).
+
+    Raises:
+      SFTStopError: with a band, when the accuracy never reaches it in ``steps`` steps or jumps
+        over it within one step.
     """
     tokenizer = data.load_tokenizer(tokenizer_dir)
     if model_config.vocab_size < len(tokenizer):
         raise ValueError(f"model_config.vocab_size: {model_config.vocab_size} < tokenizer size {len(tokenizer)}")
+    digest_files = [os.path.join(task_dir, f"{split}.jsonl") for split in ("train", "test")]
+    if settings.stop_band is not None:  # the stopping rule reads the validation split too
+        digest_files.append(os.path.join(task_dir, "validation.jsonl"))
     key = {"config": model_config.to_hf(), "settings": dataclasses.asdict(settings),
-           "task": _file_digest(os.path.join(task_dir, "train.jsonl"), os.path.join(task_dir, "test.jsonl"))}
+           "task": _file_digest(*digest_files)}
     key = json.loads(json.dumps(key))
     marker_path = os.path.join(out_dir, MARKER_FILE)
     if os.path.exists(marker_path):
@@ -224,21 +293,54 @@ def run_sft(
     opt_state = optimizer.init(params)
     step_fn = jax.jit(functools.partial(sft_step, config=model_config, optimizer=optimizer), donate_argnums=(0, 1))
 
+    band = None
+    if settings.stop_band is not None:
+        band = BandStop(settings.stop_band, settings.stop_eval_every)
+        val_rows = read_rows(os.path.join(task_dir, "validation.jsonl"))
+
     order_rng = np.random.default_rng(settings.seed)
     order = order_rng.permutation(len(train_rows))
     cursor = 0
+    # What a rewind returns to (host copies: the step donates its inputs).
+    snapshot = (0, jax.device_get((params, opt_state)), order, cursor, order_rng.bit_generator.state)
     t0 = time.perf_counter()
     losses = []
-    for step in range(settings.steps):
+    step = 0
+    stopped_at = None
+    while step < settings.steps:
         if cursor + settings.batch_size > len(order):  # a new epoch, reshuffled
             order, cursor = order_rng.permutation(len(train_rows)), 0
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
         with sharding_lib.sharding_context(mesh):
             params, opt_state, loss = step_fn(params, opt_state, (input_ids[idx], attention[idx], loss_mask[idx]))
-        if (step + 1) % max(1, settings.steps // 10) == 0 or step + 1 == settings.steps:
+        step += 1
+        if step % max(1, settings.steps // 10) == 0 or step == settings.steps:
             losses.append(float(loss))
-            log(f"sft step {step + 1}/{settings.steps}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
+            log(f"sft step {step}/{settings.steps}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
+        if band is None or not band.due(step):
+            continue
+        val_accuracy = greedy_accuracy(model_config, params, tokenizer, val_rows, max_new_tokens=max_new_tokens,
+                                       batch_size=settings.eval_batch_size, mesh=mesh)
+        decision = band.decide(step, val_accuracy)
+        if decision == "stop":
+            stopped_at = step
+            losses.append(float(loss))
+            log(f"sft: validation accuracy {val_accuracy:.3f} in the band {settings.stop_band} at step {step}: stop")
+            break
+        if decision == "rewind":
+            log(f"sft: validation accuracy {val_accuracy:.3f} above the band at step {step}; replaying from step "
+                f"{snapshot[0]} with an evaluation after every step")
+            step, host_state, order, cursor, rng_state = snapshot
+            params, opt_state = jax.device_put(host_state, jax.tree.map(lambda x: x.sharding, (params, opt_state)))
+            order_rng.bit_generator.state = rng_state
+            continue
+        snapshot = (step, jax.device_get((params, opt_state)), order, cursor, order_rng.bit_generator.state)
+    if band is not None and stopped_at is None:
+        raise SFTStopError(
+            f"SFTSettings.stop_band={settings.stop_band}: validation accuracy never reached the band in "
+            f"SFTSettings.steps={settings.steps} steps; raise steps or lower the band. Evaluations (step, "
+            f"accuracy): {band.history}")
     train_seconds = time.perf_counter() - t0
 
     params = jax.device_get(params)
@@ -255,7 +357,11 @@ def run_sft(
         "train_seconds": train_seconds,
         "num_test": len(test_rows),
         "max_new_tokens": max_new_tokens,
+        "steps_trained": step,
     }
+    if band is not None:
+        result["validation_accuracy"] = band.history[-1][1]
+        result["validation_history"] = [list(point) for point in band.history]
     with open(marker_path, "w") as f:  # written last: a half-written directory is redone
         json.dump({"key": key, "result": result}, f, indent=2)
     return result

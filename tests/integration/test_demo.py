@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -153,6 +154,106 @@ def test_sft_is_deterministic_for_a_seed(task, tmp_path):
     assert again == outs[0]
 
 
+def test_band_stop_rule_on_made_up_accuracies():
+    band = sft.BandStop((0.25, 0.40), every=10)
+    assert [band.due(step) for step in (9, 10, 11, 20)] == [False, True, False, True]
+    assert band.decide(10, 0.1) == "continue"
+    assert band.decide(20, 0.25) == "stop"  # the band's edges are in it
+    # Jumping over the band: rewind, then an evaluation after every step.
+    band = sft.BandStop((0.25, 0.40), every=10)
+    assert band.decide(10, 0.2) == "continue" and band.decide(20, 0.6) == "rewind"
+    assert band.due(11) and band.due(12)
+    assert band.decide(11, 0.22) == "continue" and band.decide(12, 0.33) == "stop"
+    # A second jump (within one step) is an error that names the setting.
+    band = sft.BandStop((0.25, 0.26), every=10)
+    band.decide(10, 0.1)
+    band.decide(20, 0.5)
+    with pytest.raises(sft.SFTStopError, match="stop_band"):
+        band.decide(11, 0.3)
+    with pytest.raises(ValueError, match="stop_band"):
+        sft.SFTSettings(stop_band=(0.5, 0.4))
+
+
+def _scripted_validation(monkeypatch, accuracies: dict[int, float]):
+    """Makes ``greedy_accuracy`` on the validation split return ``accuracies[evaluation number]``
+    (test-set accuracy stays real); returns the list of evaluation calls."""
+    real = sft.greedy_accuracy
+    calls = []
+
+    def fake(config, params, tokenizer, rows, **kwargs):
+        if len(rows) == 8:  # the validation split of the `task` fixture
+            calls.append(1)
+            return accuracies.get(len(calls), 0.0)
+        return real(config, params, tokenizer, rows, **kwargs)
+
+    monkeypatch.setattr(sft, "greedy_accuracy", fake)
+    return calls
+
+
+def test_band_stopped_sft_rewinds_and_replays_bit_identically(task, tmp_path, monkeypatch):
+    """Evaluations every 3 steps: 0 at step 3, above the band at 6 -> replay from step 3 with one
+    evaluation per step: 0 at 4, in the band at 5. The saved model must be exactly the one a plain
+    5-step run produces (the replay repeats the same data order and arithmetic)."""
+    import jax
+
+    task_dir, tokenizer = task
+    tok_dir = os.path.join(task_dir, "tokenizer")
+    config = sft.qwen3_for_task(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    plain = sft.SFTSettings(steps=5, batch_size=8, warmup_steps=1, seed=3, max_test_examples=4, schedule="constant")
+    sft.run_sft(config, task_dir, tok_dir, str(tmp_path / "plain"), plain, log=lambda *a: None)
+    calls = _scripted_validation(monkeypatch, {1: 0.0, 2: 0.9, 3: 0.1, 4: 0.3})
+    banded = dataclasses.replace(plain, steps=50, stop_band=(0.2, 0.4), stop_eval_every=3)
+    result = sft.run_sft(config, task_dir, tok_dir, str(tmp_path / "banded"), banded, log=lambda *a: None)
+    assert len(calls) == 4
+    assert result["steps_trained"] == 5 and result["validation_accuracy"] == 0.3
+    assert result["validation_history"] == [[3, 0.0], [6, 0.9], [4, 0.1], [5, 0.3]]
+    _, pa = convert.load_hf(str(tmp_path / "plain"))
+    _, pb = convert.load_hf(str(tmp_path / "banded"))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    # Never reaching the band is an error naming the setting, not a silently weaker model.
+    _scripted_validation(monkeypatch, {})
+    with pytest.raises(sft.SFTStopError, match="never reached"):
+        sft.run_sft(config, task_dir, tok_dir, str(tmp_path / "never"),
+                    dataclasses.replace(banded, steps=6), log=lambda *a: None)
+
+
+def test_fast_settings_student_stops_in_its_band(tmp_path):
+    """The real rule on the fast settings: the student stops at the first evaluation in the band,
+    and the marker's accuracy is that of the saved model (recomputed here)."""
+    settings = demo_settings.fast_settings(seed=0)
+    root = demo_settings.asset_root(settings, str(tmp_path))
+    task_dir = os.path.join(root, "task")
+    arithmetic.make_task_files(task_dir, settings.seed, settings.n_train, settings.n_val, settings.n_test,
+                               max_digits=settings.max_digits)
+    arithmetic.save_tokenizer(os.path.join(task_dir, "tokenizer"))
+    tokenizer = data.load_tokenizer(os.path.join(task_dir, "tokenizer"))
+    from examples.demo.prepare import _model_config
+
+    config = _model_config(settings.student, tokenizer)
+    result = sft.run_sft(config, task_dir, os.path.join(task_dir, "tokenizer"), str(tmp_path / "student"),
+                         settings.student_sft, log=lambda *a: None)
+    low, high = settings.student_sft.stop_band
+    history = result["validation_history"]
+    assert low <= result["validation_accuracy"] <= high and history[-1][1] == result["validation_accuracy"]
+    assert all(acc < low for _, acc in history[:-1])  # no earlier evaluation was in (or above) the band
+    assert result["steps_trained"] == history[-1][0] < settings.student_sft.steps
+    _, params = convert.load_hf(str(tmp_path / "student"))
+    rows = sft.read_rows(os.path.join(task_dir, "validation.jsonl"))
+    again = sft.greedy_accuracy(config, params, tokenizer, rows, max_new_tokens=result["max_new_tokens"])
+    assert again == result["validation_accuracy"]
+
+
+def test_a_changed_stopping_rule_is_a_new_cache_key():
+    base = demo_settings.DemoSettings()
+    other_band = dataclasses.replace(base, student_sft=dataclasses.replace(base.student_sft, stop_band=(0.2, 0.3)))
+    other_every = dataclasses.replace(base, student_sft=dataclasses.replace(base.student_sft, stop_eval_every=5))
+    keys = {base.cache_key(), other_band.cache_key(), other_every.cache_key()}
+    assert len(keys) == 3
+    # Run-only settings (the OPD arms) do not touch the assets.
+    assert dataclasses.replace(base, effopd_rule="followup", effopd_val_batch_prompts=8).cache_key() == base.cache_key()
+
+
 def _tree_listing(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -202,10 +303,21 @@ def test_demo_config_without_assets_names_the_prepare_command(tmp_path):
     assert demo_settings.prepare_command(demo_settings.DemoSettings()) == "python -m examples.demo.prepare"
 
 
+@pytest.fixture(scope="module")
+def fast_assets(tmp_path_factory):
+    """The fast settings' task, teacher and student, prepared once for the tests below."""
+    from examples.demo.prepare import prepare_assets
+
+    out = str(tmp_path_factory.mktemp("fast_assets"))
+    prepare_assets(demo_settings.fast_settings(seed=0), out, log=lambda *a, **k: None)
+    return out
+
+
 @pytest.mark.slow  # ~35 s of CPU; 80 s warm-cache / ~9 min cold-cache wall under heavy shared load
-def test_fast_demo_end_to_end(tmp_path):
+def test_fast_demo_end_to_end(tmp_path, fast_assets):
     settings = demo_settings.fast_settings(seed=0)
-    summary = demo.run_demo(settings, str(tmp_path), foresight=False, log=lambda *a, **k: None)
+    summary = demo.run_demo(settings, str(tmp_path), foresight=False, assets_dir=fast_assets,
+                            log=lambda *a, **k: None)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     for key in ("teacher_accuracy", "student_initial_accuracy", "target", "target_definition",
@@ -236,3 +348,86 @@ def test_fast_demo_end_to_end(tmp_path):
     expected_bar = (on_disk["teacher_accuracy"] >= demo.TEACHER_MIN_ACCURACY
                     and on_disk["teacher_accuracy"] - on_disk["student_sft_accuracy"] >= demo.MIN_ACCURACY_GAP)
     assert on_disk["pair_meets_bar"] is expected_bar
+
+
+def _own_answers_file(assets, path: str) -> str:
+    """The test split with each row's answer replaced by the initial student's own greedy boxed
+    answer ("none" when it boxes nothing): a validation set on which the fast demo's tiny student
+    scores well above 0 and its candidates differ, so searches accept, reject and stop early."""
+    import jax.numpy as jnp
+
+    from effopd_jax import grading, models, sampling
+
+    config, params = models.load_hf(assets.student_dir, param_dtype=jnp.float32, scan_layers=False)
+    tokenizer = data.load_tokenizer(assets.tokenizer_dir)
+    rows = sft.read_rows(os.path.join(assets.task_dir, "test.jsonl"))
+    out = sampling.generate(config, params, [sft.prompt_token_ids(tokenizer, r["prompt"]) for r in rows],
+                            max_new_tokens=assets.max_new_tokens, temperature=0.0,
+                            eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    with open(path, "w") as f:
+        for row, tokens, mask in zip(rows, out.tokens, out.mask):
+            answer = grading.extract_boxed(tokenizer.decode(tokens[mask], skip_special_tokens=True))
+            f.write(json.dumps(dict(row, answer=answer if answer is not None else "none")) + "\n")
+    return path
+
+
+@pytest.mark.slow  # four 4-step EffOPD runs of the fast demo
+@pytest.mark.parametrize("rule", ["paper", "followup"])
+def test_early_stopped_validation_makes_the_same_decisions_end_to_end(tmp_path, fast_assets, rule):
+    """The EffOPD arm of the fast demo with and without early-stopped validation: every search,
+    every score that was computed exactly, every loss and evaluation identical, and fewer prompts
+    decoded. One prompt per batch and a validation set of the student's own answers (so that
+    scores vary), at a learning rate that moves the tiny student."""
+    from examples.demo.configs import demo_config
+
+    settings = dataclasses.replace(demo_settings.fast_settings(seed=0), effopd_rule=rule, effopd_val_batch_prompts=1,
+                                   effopd_val_prompts=32, learning_rate=1e-3)
+    val_file = _own_answers_file(demo_settings.load_assets(settings, fast_assets), str(tmp_path / "own.jsonl"))
+    records = {}
+    for early in (True, False):
+        config = demo_config(effopd=True, settings=dataclasses.replace(settings, effopd_val_early_stop=early),
+                             out_dir=fast_assets)
+        config.effopd.val_files = (val_file,)
+        records[early] = demo._train(config, str(tmp_path / f"early_{early}"), lambda *a, **k: None)
+    early, full = records[True], records[False]
+    assert len(early) == len(full)
+    searches, skipped = 0, 0
+    for e, f in zip(early, full):
+        assert e["step"] == f["step"] and e.get("kind") == f.get("kind")
+        if e.get("kind") == "eval":
+            assert e["eval/mean_at_n"] == f["eval/mean_at_n"]
+            assert e["eval/exact_reverse_kl"] == f["eval/exact_reverse_kl"]
+            continue
+        assert e["loss"] == f["loss"]
+        if "effopd/searched" not in f:
+            continue
+        searches += 1
+        for key in ("effopd/accepted_multiplier", "effopd/multipliers", "effopd/num_evals"):
+            assert e[key] == f[key], key
+        assert all(f["effopd/scores_exact"]) and f["effopd/val_prompts_skipped"] == 0
+        for es, fs, exact in zip(e["effopd/scores"], f["effopd/scores"], e["effopd/scores_exact"]):
+            assert es == fs if exact else es >= fs
+        assert e["effopd/val_prompts_decoded"] + e["effopd/val_prompts_skipped"] == f["effopd/val_prompts_decoded"]
+        assert e["effopd/val_tokens"] <= f["effopd/val_tokens"]
+        skipped += e["effopd/val_prompts_skipped"]
+    assert searches == (3 if rule == "paper" else 4)  # updates 1, 2, 4 / every update
+    assert skipped > 0  # the comparison is not vacuous: some candidate stopped early
+
+
+def test_intervention_replaces_the_top_subspace_at_equal_norm():
+    """The foresight study's perturbation (examples/demo/foresight.py, finding (d))."""
+    from examples.demo.foresight import replace_top_subspace
+
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((24, 2)))[0]
+    v = np.linalg.qr(rng.standard_normal((16, 2)))[0]
+    delta = (u * [5.0, 3.0]) @ v.T + 0.05 * rng.standard_normal((24, 16))
+    new = replace_top_subspace(delta, 2, np.random.default_rng(1))
+    assert np.linalg.norm(new) == pytest.approx(np.linalg.norm(delta), rel=1e-12)
+    top = lambda m: np.linalg.svd(m)[0][:, :2]  # noqa: E731
+    overlap = lambda a, b: float(np.sum((a.T @ b) ** 2) / 2)  # noqa: E731
+    assert overlap(top(delta), u) > 0.99  # the original's top subspace is the planted one
+    assert overlap(top(new), u) < 0.3  # the replacement's is not (random: about 2/24)
+    # Its singular values are kept (up to the rescaling by the norm).
+    np.testing.assert_allclose(np.linalg.svd(new, compute_uv=False)[:2], [5.0, 3.0], rtol=0.1)
+    assert np.array_equal(replace_top_subspace(np.zeros((3, 2)), 1, rng), np.zeros((3, 2)))

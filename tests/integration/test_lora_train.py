@@ -35,15 +35,18 @@ TIMING_SUFFIXES = ("seconds", "per_second")
 
 class UpdateRewardingTrainer(train.Trainer):
     """The Trainer with EffOPD's validation score replaced by ‖W − W_base‖² over the adapted
-    kernels (so a larger extrapolation always scores higher and is accepted)."""
+    kernels (so a larger extrapolation always scores higher and is accepted): a plain score
+    function in place of the itemwise validation scorer."""
 
-    def sampled_accuracy(self, params, examples, key, *, engine, samples_per_prompt):
-        if engine != "validation":
-            return super().sampled_accuracy(params, examples, key, engine=engine, samples_per_prompt=samples_per_prompt)
-        merged, base = _flat(params), _flat(self.frozen_params)
+    def validation_scorer(self, key):
         paths = ["/".join(path) for path in self.parameterization.kernel_paths]
-        size = sum(jnp.sum(jnp.square(merged[p] - base[p].astype(merged[p].dtype))) for p in paths)
-        return {"mean_at_n": float(size)}
+
+        def update_size(candidate) -> float:
+            merged = _flat(self.parameterization.merge(candidate, self.frozen_params))
+            base = _flat(self.frozen_params)
+            return float(sum(jnp.sum(jnp.square(merged[p] - base[p].astype(merged[p].dtype))) for p in paths))
+
+        return update_size, {"tokens": 0}
 
 
 def run(config, workdir) -> None:

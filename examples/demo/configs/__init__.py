@@ -36,7 +36,7 @@ def demo_config(
         max_prompt_length=24, chat_template_kwargs={}, max_eval_prompts=0,
     )
     c.rollout.update(max_new_tokens=assets.max_new_tokens, temperature=1.0)
-    c.eval.update(temperature=0.0, samples_per_prompt=1)  # greedy test accuracy, as for the SFT models
+    c.eval.update(temperature=0.0, samples_per_prompt=1, kl_prompts=settings.kl_prompts)  # greedy, as for SFT
     c.loss.update(chunk_size=64)
     c.optimizer.update(learning_rate=settings.learning_rate)
     c.mesh.update(data=1, fsdp=1, tensor=1)
@@ -44,6 +44,8 @@ def demo_config(
         c.effopd.update(
             enabled=True, val_files=(split("validation"),), val_max_prompts=settings.effopd_val_prompts,
             max_candidates=settings.effopd_max_candidates, val_temperature=settings.effopd_val_temperature,
+            val_batch_prompts=settings.effopd_val_batch_prompts, rule=settings.effopd_rule,
+            val_early_stop=settings.effopd_val_early_stop,
         )
     else:
         # Plain OPD sets no other EffOPD field: the trainer ignores them when it is off, and the
