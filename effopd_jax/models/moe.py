@@ -32,10 +32,13 @@ devices holds E/n experts each (weight-stationary). When the active mesh splits 
 n > 1 devices, :func:`expert_ffn` runs under `shard_map`: each device all-gathers the tokens
 (and their routing) of its expert group, computes the assignments to its own E/n experts and
 returns each token's partial sum with a reduce-scatter (`psum_scatter`), so expert weights never
-move. Its cost: per layer and device, an all-gather of n·T_local·H activations and a
-reduce-scatter of as many float32 partial outputs, and a sorted-rows buffer of
-n·T_local·min(k, E/n) rows (the dropless bound: all of the group's tokens might pick this
-device's experts). Off a mesh, or with n = 1, the experts run locally.
+move. The gathered tokens are processed one source device at a time (`lax.map`), so the
+sorted-rows buffer holds T_local·min(k, E/n) rows (the dropless bound for one source: all its
+tokens might pick this device's experts), as in the local path. Its cost per layer and device:
+an all-gather of n·T_local·H activations (and their routing) and a reduce-scatter of as many
+partial outputs (compute dtype), i.e. about 2·n·T_local·H values held at once besides the
+expert weights, instead of gathering the layer's E·3·H·I expert weights. Off a mesh, or with
+n = 1, the experts run locally.
 
 Router precision. The router matmul and softmax run in float32 whatever the compute dtype
 (transformers computes the logits in the model dtype and the softmax in float32), so top-k ties
@@ -111,13 +114,6 @@ def route(router_logits: Array, top_k: int, norm_topk_prob: bool) -> Routing:
 # ============================================================================================
 # Expert FFN: grouped (ragged_dot / blocked) and the dense oracle
 # ============================================================================================
-def _swiglu(x: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: DType) -> Array:
-    """(silu(x @ G) * (x @ U)) @ D for one expert: x [rows, H], G/U [H, I], D [I, H]."""
-    gate = jnp.dot(x, w_gate.astype(dtype))
-    up = jnp.dot(x, w_up.astype(dtype))
-    return jnp.dot(jax.nn.silu(gate) * up, w_down.astype(dtype))
-
-
 def default_block_rows(assignments: int, num_groups: int) -> int:
     """Row block of the "blocked" implementation: a power of two near a quarter of the mean
     group size (so the per-expert padding stays a small fraction of the rows), in
@@ -190,20 +186,80 @@ def _blocked_rows(x: Array, group_of: Array, w_gate: Array, w_up: Array, w_down:
     block_used = block_group < num_groups
     block_group = jnp.minimum(block_group, num_groups - 1).astype(jnp.int32)
 
-    def one_block(_, inputs):
-        rows, group, used = inputs
-        out = jax.lax.cond(
-            used,
-            lambda: _swiglu(rows, w_gate[group], w_up[group], w_down[group], dtype),
-            lambda: jnp.zeros((block, hidden), dtype))
-        return None, out
-
-    # Rematerialised: otherwise the backward pass would keep every block's [H, I] weight slices.
-    body = jax.checkpoint(one_block, prevent_cse=False,
-                          policy=jax.checkpoint_policies.checkpoint_dots)
-    _, out = jax.lax.scan(body, None, (padded.reshape(num_blocks, block, hidden), block_group,
-                                       block_used))
+    out = _block_swiglu(padded.reshape(num_blocks, block, hidden), block_group, block_used,
+                        w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
     return jnp.take(out.reshape(capacity, hidden), slot, axis=0, mode="fill", fill_value=0)
+
+
+def _block_forward(rows, group, used, w_gate, w_up, w_down):
+    """One block's SwiGLU with its expert's weights, or zeros for an unused block:
+    (out [B, H], gate [B, I], up [B, I])."""
+    def compute():
+        gate = jnp.dot(rows, w_gate[group])
+        up = jnp.dot(rows, w_up[group])
+        return jnp.dot(jax.nn.silu(gate) * up, w_down[group]), gate, up
+
+    def skip():
+        block, inter = rows.shape[0], w_gate.shape[-1]
+        return (jnp.zeros_like(rows), jnp.zeros((block, inter), rows.dtype),
+                jnp.zeros((block, inter), rows.dtype))
+
+    return jax.lax.cond(used, compute, skip)
+
+
+@jax.custom_vjp
+def _block_swiglu(rows: Array, block_group: Array, block_used: Array, w_gate: Array, w_up: Array,
+                  w_down: Array) -> Array:
+    """The blocked experts: rows ``[blocks, B, H]``, block b computed with expert
+    ``block_group[b]`` when ``block_used[b]`` (zeros otherwise). Returns ``[blocks, B, H]``.
+
+    A `lax.scan` over the blocks. The backward pass is written out (custom VJP) so the expert
+    weight gradients accumulate in place, one expert slice per block: differentiating the
+    forward scan would add a full ``[E, H, I]`` cotangent per block (E times the work)."""
+    def body(_, xs):
+        return None, _block_forward(*xs, w_gate, w_up, w_down)[0]
+
+    return jax.lax.scan(body, None, (rows, block_group, block_used))[1]
+
+
+def _block_swiglu_fwd(rows, block_group, block_used, w_gate, w_up, w_down):
+    def body(_, xs):
+        return None, _block_forward(*xs, w_gate, w_up, w_down)
+
+    out, gate, up = jax.lax.scan(body, None, (rows, block_group, block_used))[1]
+    return out, (rows, block_group, block_used, w_gate, w_up, w_down, gate, up)
+
+
+def _block_swiglu_bwd(residuals, d_out):
+    rows, block_group, block_used, w_gate, w_up, w_down, gate, up = residuals
+
+    def body(grads, xs):
+        x, group, used, g, u, dy = xs
+
+        def compute():
+            silu = jax.nn.silu(g)
+            d_act = jnp.dot(dy, w_down[group].T)
+            sig = jax.nn.sigmoid(g)
+            d_gate = d_act * u * (sig * (1 + g * (1 - sig)))
+            d_up = d_act * silu
+            d_x = jnp.dot(d_gate, w_gate[group].T) + jnp.dot(d_up, w_up[group].T)
+            return d_x, jnp.dot(x.T, d_gate), jnp.dot(x.T, d_up), jnp.dot((silu * u).T, dy)
+
+        def skip():
+            return (jnp.zeros_like(x), jnp.zeros(w_gate.shape[1:], w_gate.dtype),
+                    jnp.zeros(w_up.shape[1:], w_up.dtype), jnp.zeros(w_down.shape[1:], w_down.dtype))
+
+        d_x, *d_w = jax.lax.cond(used, compute, skip)
+        grads = tuple(acc.at[group].add(d) for acc, d in zip(grads, d_w))
+        return grads, d_x
+
+    zeros = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    (d_gate, d_up, d_down), d_rows = jax.lax.scan(
+        body, zeros, (rows, block_group, block_used, gate, up, d_out))
+    return d_rows, None, None, d_gate, d_up, d_down
+
+
+_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
 def resolve_impl(impl: str) -> str:
@@ -240,8 +296,9 @@ def local_expert_ffn(x: Array, group_of: Array, weights: Array, w_gate: Array, w
     else:
         rows = _blocked_rows(x, group_of, w_gate, w_up, w_down, dtype, block)
     tokens, k = group_of.shape
-    rows = rows.reshape(tokens, k, -1).astype(jnp.float32)
-    return jnp.einsum("tkh,tk->th", rows, weights.astype(jnp.float32))
+    # Weighted sum over a token's k assignments, accumulated in float32.
+    return jnp.einsum("tkh,tk->th", rows.reshape(tokens, k, -1), weights.astype(rows.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def dense_expert_ffn_reference(x: Array, experts: Array, weights: Array, w_gate: Array,
@@ -317,7 +374,8 @@ def expert_ffn(x: Array, experts: Array, weights: Array, w_gate: Array, w_up: Ar
       dtype: compute dtype; impl, block: see :func:`local_expert_ffn`.
 
     Returns:
-      ``[tokens, H]`` float32.
+      ``[tokens, H]`` float32 (expert-parallel: the devices' partial sums are added in the
+      compute dtype).
     """
     num_experts = w_gate.shape[0]
     axis, mesh = expert_parallel_axis(num_experts)
@@ -341,10 +399,10 @@ def expert_ffn(x: Array, experts: Array, weights: Array, w_gate: Array, w_up: Ar
     mlp = mlp_axes if mlp_axes else None
     rows = PartitionSpec(batch_axes, None)
 
-    def per_device(x, experts, weights, w_gate, w_up, w_down):
-        x = jax.lax.all_gather(x, axis, tiled=True)
-        experts = jax.lax.all_gather(experts, axis, tiled=True)
-        weights = jax.lax.all_gather(weights, axis, tiled=True)
+    group_size = mesh.shape[axis]
+
+    def one_source(x, experts, weights, w_gate, w_up, w_down):
+        """The contributions of this device's experts to one source device's tokens."""
         local = experts - jax.lax.axis_index(axis) * experts_per_device
         here = (local >= 0) & (local < experts_per_device)
         if experts_per_device < k:
@@ -357,6 +415,15 @@ def expert_ffn(x: Array, experts: Array, weights: Array, w_gate: Array, w_up: Ar
         group_of = jnp.where(here, local, experts_per_device).astype(jnp.int32)
         out = local_expert_ffn(x, group_of, jnp.where(here, weights, 0.0), w_gate, w_up, w_down,
                                dtype=dtype, impl=impl, block=block)
+        return out.astype(x.dtype)
+
+    def per_device(x, experts, weights, w_gate, w_up, w_down):
+        tokens_per_device = x.shape[0]
+        gathered = [jax.lax.all_gather(a, axis) for a in (x, experts, weights)]  # [n, T_local, .]
+        # One source device's tokens at a time: the sorted-rows buffer is sized for T_local
+        # tokens, not for the whole group's n * T_local.
+        out = jax.lax.map(lambda args: one_source(*args, w_gate, w_up, w_down), tuple(gathered))
+        out = out.reshape(group_size * tokens_per_device, -1)
         if mlp_axes:
             out = jax.lax.psum(out, mlp_axes)
         return jax.lax.psum_scatter(out, axis, scatter_dimension=0, tiled=True)
@@ -367,6 +434,7 @@ def expert_ffn(x: Array, experts: Array, weights: Array, w_gate: Array, w_up: Ar
                   PartitionSpec(axis, mlp, None)),
         out_specs=rows, check_vma=False,
     )(x, experts, weights, w_gate, w_up, w_down)
+    out = out.astype(jnp.float32)  # summed over the devices in the compute dtype
     return out[:tokens] if pad else out
 
 

@@ -486,3 +486,32 @@ def test_monitor_analyses_each_expert_and_aggregates_a_layers_stack(scan):
     layer_alloc = sum(float(v) for k, v in metrics.items() if k.startswith("monitor/layers_0/") and k.endswith("/alloc"))
     assert layer_alloc == pytest.approx(1.0, abs=1e-5)
     assert "monitor/mean/mlp/gate/erank" in metrics
+
+
+def test_the_qwen3_30b_a3b_teacher_config_validates_and_its_teacher_splits_over_8_devices(tmp_path):
+    """configs/qwen3_30b_a3b_teacher_1p7b_opd.py needs only the user's paths; with the published
+    teacher config its 128 experts split over an 8-device fsdp axis (16 per device)."""
+    import importlib.util
+
+    from effopd_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location(
+        "moe_config", Path(REPO_ROOT) / "configs" / "qwen3_30b_a3b_teacher_1p7b_opd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    (teacher_dir / "config.json").write_text(json.dumps(json.loads(QWEN_MOE_CONFIGS.read_text())["Qwen/Qwen3-30B-A3B"]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2+3?", "answer": "5"}\n')
+    c.student.path = str(teacher_dir)  # validation only checks that the paths exist
+    c.teachers[0].path = str(teacher_dir)
+    c.data.train_files = c.data.eval_files = c.effopd.val_files = (str(prompts),)
+    config_lib.validate_config(c)
+    teacher = models.config_from_hf(str(teacher_dir), param_dtype=c.teachers[0].param_dtype,
+                                    dtype=c.teachers[0].compute_dtype, scan_layers=c.teachers[0].scan_layers)
+    mesh = setup.make_mesh(c)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    down = sharding_lib.param_shardings(teacher, mesh)["layers"]["mlp"]["experts"]["down_proj"]["kernel"]
+    assert down.shard_shape((48, 128, 768, 2048)) == (48, 16, 768, 2048)
