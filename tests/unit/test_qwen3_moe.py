@@ -14,11 +14,13 @@ import math
 import weakref
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import load_file
 
 from effopd_jax import models, monitor, objectives, rollout, sampling
@@ -31,7 +33,7 @@ from effopd_jax.objectives import LossSettings, OPDBatch
 from effopd_jax.teachers import Teacher
 from effopd_jax.trainer import FullFineTuning, make_optimizer, new_train_state, setup, update_step
 from helpers_hf import load_torch_model, torch_logits
-from helpers_moe import MOE_VARIANTS, make_tiny_moe_checkpoint, make_tiny_moe_hf_config
+from helpers_moe import MOE_VARIANTS, make_tiny_moe_checkpoint, make_tiny_moe_hf_config, randomize_
 from helpers_tiny import REPO_ROOT
 
 QWEN_MOE_CONFIGS = Path(REPO_ROOT) / "third_party" / "qwen_configs" / "qwen_moe_configs.json"
@@ -245,7 +247,7 @@ def test_grouped_dispatch_equals_the_dense_all_experts_oracle(impl, norm_topk_pr
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
     # HF's routing: softmax, top-k of the probabilities, renormalised only with norm_topk_prob.
-    probs = torch.softmax(torch.as_tensor(np.asarray(logits)), -1)
+    probs = torch.softmax(torch.as_tensor(np.array(logits)), -1)
     top, idx = torch.topk(probs, 2, -1)
     if norm_topk_prob:
         top = top / top.sum(-1, keepdim=True)
@@ -515,3 +517,55 @@ def test_the_qwen3_30b_a3b_teacher_config_validates_and_its_teacher_splits_over_
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     down = sharding_lib.param_shardings(teacher, mesh)["layers"]["mlp"]["experts"]["down_proj"]["kernel"]
     assert down.shard_shape((48, 128, 768, 2048)) == (48, 16, 768, 2048)
+
+
+def test_the_block_with_a_shared_expert_matches_transformers_qwen3_5_moe_block():
+    """The reusable block in Qwen3.5-MoE's form (shared expert + sigmoid gate, fused gate/up
+    experts, normalised top-k) against transformers' `Qwen3_5MoeSparseMoeBlock`."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf_moe
+
+    hf_config = transformers.Qwen3_5MoeTextConfig(
+        hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+        num_experts_per_tok=2, hidden_act="silu")
+    block = hf_moe.Qwen3_5MoeSparseMoeBlock(hf_config).float().eval()
+    randomize_(block, 3)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = block(x).numpy()
+    t = lambda w: jnp.asarray(w.detach().numpy().swapaxes(-1, -2))  # noqa: E731  [.., out, in] -> [.., in, out]
+    params = {
+        "gate": {"kernel": t(block.gate.weight)},
+        "experts": {"gate_up_proj": {"kernel": t(block.experts.gate_up_proj)},
+                    "down_proj": {"kernel": t(block.experts.down_proj)}},
+        "shared_expert": {name: {"kernel": t(getattr(block.shared_expert, name).weight)}
+                          for name in ("gate_proj", "up_proj", "down_proj")},
+        "shared_expert_gate": {"kernel": t(block.shared_expert_gate.weight)},
+    }
+    ours = moe.SparseMoeBlock(8, 2, 16, True, jnp.float32, jnp.float32, 0.02,
+                              shared_expert_intermediate_size=24, fused_gate_up=True)
+    shapes = jax.tree.map(lambda a: a.shape, nn.unbox(ours.init(jax.random.key(0), jnp.zeros((1, 1, 32))))["params"])
+    assert shapes == jax.tree.map(lambda a: a.shape, params)
+    got = ours.apply({"params": params}, jnp.asarray(x.numpy()))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    assert np.std(want) > 0.1
+
+
+def test_analyze_writes_one_row_per_expert_and_plots_layer_aggregates(checkpoints, tmp_path):
+    from effopd_jax import analyze
+
+    base = checkpoints["step2_tied"]  # layer 0 dense, layer 1 sparse
+    config, params = models.load_hf(base, **F32)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    moved = jax.tree.unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    models.save_hf(config, moved, tmp_path / "step_1")
+    result = analyze.analyze([str(base), str(tmp_path / "step_1")], str(tmp_path / "out"), k=2, keep_order=True)
+    experts = [r for r in result.rows if r["module"] == "mlp/experts/up_proj"]
+    assert sorted(r["expert"] for r in experts) == list(range(8)) and {r["layer"] for r in experts} == {1}
+    assert all(r["expert"] == "" for r in result.rows if r["module"] == "self_attn/q_proj")
+    for layer in (0, 1):
+        shares = sum(float(r["alloc"]) for r in result.rows if r["layer"] == layer)
+        assert shares == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "out" / "module_allocation.png").is_file()
+    header = (tmp_path / "out" / "spectrum.csv").read_text().splitlines()[0]
+    assert header.startswith("layer,module,expert,j")
