@@ -37,7 +37,6 @@ Run: `.venv/bin/python benchmarks/moe_layer.py [--tokens 1024 --hidden 1024 --in
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time

@@ -35,7 +35,7 @@ import numpy as np
 
 from effopd_jax.models import moe
 from effopd_jax.models.family import (
-    EMBEDDING, LM_HEAD, MATRIX, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
+    BIAS, EMBEDDING, LM_HEAD, MATRIX, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
     UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, Weight, constrain, rope_cos_sin
@@ -490,7 +490,7 @@ def _param_info(config: Qwen3MoeConfig, path: tuple[str, ...]) -> ParamInfo:
         # (docs/architecture.md#mixture-of-experts).
         return ParamInfo(path, MATRIX, module, "router", layers, stack_axes, names,
                          transpose=True, extrapolate=False)
-    role = {"kernel": MATRIX, "bias": "bias", "scale": NORM}[leaf]
+    role = {"kernel": MATRIX, "bias": BIAS, "scale": NORM}[leaf]
     group = {"self_attn": "attention", "mlp": "mlp"}.get(module.split("/")[0], "norm")
     # The authors' substring rule, as for dense Qwen (qwen._param_info).
     extrapolate = group in ("attention", "mlp") or module == "post_attention_layernorm"

@@ -256,7 +256,8 @@ def test_grouped_dispatch_equals_the_dense_all_experts_oracle(impl, norm_topk_pr
 
 
 def test_blocked_buffers_are_bounded_and_router_stats_are_masked_sums():
-    assert moe.default_block_rows(8192, 64) == 32 and moe.default_block_rows(16, 8) == 8
+    assert moe.default_block_rows(8192, 64) == 64 and moe.default_block_rows(16, 8) == 8
+    assert moe.default_block_rows(10**6, 8) == moe.MAX_BLOCK_ROWS
     assert moe.blocked_capacity(100, 8, 8) == 160  # 100 + 8 * 7 rows, rounded up to blocks
     x, _, logits = _expert_problem(tokens=6)
     routing = moe.route(logits, 2, False)
