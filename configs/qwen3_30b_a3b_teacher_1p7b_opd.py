@@ -28,9 +28,11 @@ def get_config():
     c.total_steps = 300  # set to your data size
     c.checkpoint_every = 50
     c.eval_every = 10
-    c.student.update(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
-    c.teachers = (teacher_config(name="qwen3_30b_a3b", path="", param_dtype="bfloat16",
-                                 compute_dtype="bfloat16", scan_layers=True),)
+    # The models this run was written for; the memory plan reads their shapes from the bundled configs.
+    c.student.update(path="", hf_name="Qwen/Qwen3-1.7B", param_dtype="float32", compute_dtype="bfloat16",
+                     scan_layers=True, remat="full")
+    c.teachers = (teacher_config(name="qwen3_30b_a3b", path="", hf_name="Qwen/Qwen3-30B-A3B",
+                                 param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
     c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
     c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
     c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)

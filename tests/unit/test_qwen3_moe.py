@@ -503,6 +503,10 @@ def test_the_qwen3_30b_a3b_teacher_config_validates_and_its_teacher_splits_over_
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    from effopd_jax import plan  # noqa: PLC0415
+    config_lib.validate_config(c, for_plan=True)  # as shipped: the plan reads the bundled configs
+    planned = plan.model_config(c.teachers[0], "teachers[0]")
+    assert (planned.model_type, planned.num_experts, planned.param_dtype) == ("qwen3_moe", 128, jnp.bfloat16)
     teacher_dir = tmp_path / "teacher"
     teacher_dir.mkdir()
     (teacher_dir / "config.json").write_text(json.dumps(json.loads(QWEN_MOE_CONFIGS.read_text())["Qwen/Qwen3-30B-A3B"]))
@@ -570,3 +574,34 @@ def test_analyze_writes_one_row_per_expert_and_plots_layer_aggregates(checkpoint
     assert (tmp_path / "out" / "module_allocation.png").is_file()
     header = (tmp_path / "out" / "spectrum.csv").read_text().splitlines()[0]
     assert header.startswith("layer,module,expert,j")
+
+
+def test_lora_adapters_on_the_experts_merge_per_expert_and_export_per_expert(checkpoints):
+    """LoRA on a MoE student: one (A, B) pair per expert, W_e + s·A_e·B_e merged (numpy), PEFT's
+    per-expert tensor names; the unmerged forward refuses expert adapters instead of skipping them."""
+    from effopd_jax import lora as lora_lib
+
+    config, params = models.load_hf(str(checkpoints["mixed"]), **F32)
+    lora = lora_lib.LoRA.for_model(config, rank=2, alpha=4.0, target=("mlp/experts/down_proj", "mlp/gate"))
+    adapters, base = lora.split(params)
+    rng = np.random.default_rng(0)
+    adapters = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), adapters)
+    merged = lora_lib.merge_adapters(base, adapters, lora.scale)
+    node = adapters["layers_0"]["mlp"]["experts"]["down_proj"]
+    a, b = np.asarray(node["lora_a"]), np.asarray(node["lora_b"])
+    assert a.shape == (8, 32, 2) and b.shape == (8, 2, 64)
+    w = np.asarray(params["layers_0"]["mlp"]["experts"]["down_proj"]["kernel"])
+    want = w + lora.scale * np.einsum("eir,ero->eio", a, b)
+    np.testing.assert_allclose(np.asarray(merged["layers_0"]["mlp"]["experts"]["down_proj"]["kernel"]), want,
+                               rtol=1e-6, atol=1e-6)
+    assert "experts" not in merged["layers_1"]["mlp"]  # the dense layer has no adapters
+    tensors = lora_lib.peft_state_dict(config, lora, adapters)
+    # 2 sparse layers x (8 experts + the router) x (A, B)
+    assert len(tensors) == 2 * (8 + 1) * 2
+    np.testing.assert_array_equal(
+        tensors["base_model.model.model.layers.2.mlp.experts.5.down_proj.lora_A.weight"],
+        np.asarray(adapters["layers_2"]["mlp"]["experts"]["down_proj"]["lora_a"])[5].T)
+    assert tensors["base_model.model.model.layers.0.mlp.gate.lora_B.weight"].shape == (8, 2)
+    with pytest.raises(ValueError, match="expert stack.*merge the adapters"):
+        lora_lib.unmerged_forward(config, lora_lib.with_adapters(base, adapters), jnp.zeros((1, 3), jnp.int32),
+                                  scale=lora.scale)
