@@ -17,6 +17,16 @@ Model and data paths are the user's: set them on the command line, e.g.
       --config.data.train_files='("/data/DeepMath-103K/train_filtered_level6.parquet",)' \\
       --config.data.eval_files='("/data/aime24.parquet","/data/aime25.parquet")' \\
       --config.effopd.val_files='("/data/effopd_val.parquet",)'
+
+Memory (README.md#memory-plan), with this file as it is:
+    python -m effopd_jax.plan --config=configs/qwen3_30b_a3b_teacher_1p7b_opd.py --topology=v5p:4x4x4
+As shipped (every phase takes all 1,024 rows at once, dense attention) it fits no slice: on
+v5p:4x4x4 the rollout needs >= 134 GiB per chip, the teacher's scoring >= 660 GiB, the update
+>= 545 GiB. With one row per chip (--config.data.prompts_per_step=64) every program fits v5p:4x4x4:
+peak 42.8 GiB (the teacher's scoring: one row's attention scores), the update 38.8 GiB, the rollout
+9.8 GiB; the teacher's weights are 0.9 GiB per chip. So, as for the paper's config, the settings
+expected to make it fit there are `micro_batch_size=64` and 64 or more `rollout.slots` (not set
+here: they come with the engines that read them).
 """
 
 from effopd_jax.config import default_config, teacher_config

@@ -108,7 +108,7 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     config = models.config_from_hf(
         spec.path, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
         scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"))
-    config = _with_router_losses(config, spec, role)
+    config = with_router_losses(config, spec, role)
     shardings = sharding_lib.param_shardings(config, mesh)
     if not weights and spec.init == "random":
         log(f"{role}: random initialisation (seed {spec.init_seed}) of {spec.path} — for smoke runs "
@@ -120,7 +120,7 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     return config, models.load_params(source, config, shardings)
 
 
-def _with_router_losses(config: ModelConfig, spec: ml_collections.ConfigDict, role: str) -> ModelConfig:
+def with_router_losses(config: ModelConfig, spec: ml_collections.ConfigDict, role: str) -> ModelConfig:
     """The model config with the router-loss weights of ``spec`` (the student's
     ``router_aux_loss_coef`` / ``router_z_loss_coef``; teachers have none): a positive
     ``router_aux_loss_coef`` switches HF's load-balancing loss on (``output_router_logits``)."""

@@ -447,11 +447,15 @@ def test_a_moe_student_trains_with_the_load_balancing_loss(opd_rollout):
 def test_trainer_setup_applies_the_router_loss_weights_and_refuses_them_for_dense_students():
     spec = default_config().student
     spec.router_aux_loss_coef = 0.01
-    moe_config = setup._with_router_losses(MOE, spec, "student")
+    moe_config = setup.with_router_losses(MOE, spec, "student")
     assert (moe_config.output_router_logits, moe_config.router_aux_loss_coef) == (True, 0.01)
     with pytest.raises(ValueError, match="config.student.router_aux_loss_coef=0.01.*no router"):
-        setup._with_router_losses(STUDENT, spec, "student")
-    assert setup._with_router_losses(STUDENT, default_config().student, "student") is STUDENT
+        setup.with_router_losses(STUDENT, spec, "student")
+    assert setup.with_router_losses(STUDENT, default_config().student, "student") is STUDENT
+    from effopd_jax import plan  # noqa: PLC0415
+    spec.hf_name = "Qwen/Qwen3-30B-A3B"  # the memory plan builds the same student
+    planned = plan.model_config(spec, "student")
+    assert (planned.output_router_logits, planned.router_aux_loss_coef) == (True, 0.01)
 
 
 def test_effopd_extrapolates_attention_and_experts_but_not_the_router():
