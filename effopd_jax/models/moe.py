@@ -117,8 +117,9 @@ def route(router_logits: Array, top_k: int, norm_topk_prob: bool) -> Routing:
 def default_block_rows(assignments: int, num_groups: int) -> int:
     """Row block of the "blocked" implementation: the power of two at or below half the mean
     group size, in [8, MAX_BLOCK_ROWS]. Larger blocks run faster matmuls, smaller ones pad less
-    (padding < E·block rows); benchmarks/moe_layer.py chose half the mean (64 experts, top-8:
-    B = 64 beat 32 and 16 forward and backward, padding 25%)."""
+    (padding < E·block rows). benchmarks/moe_layer.py, 64 experts, top-8, mean group 128 on a
+    loaded CPU: B = 64 (padding 23%) had the better forward+backward median, B = 32 (11%) the
+    better forward median, in two runs (benchmarks/README.md)."""
     mean_rows = max(1, assignments // max(num_groups, 1))
     block = 1 << max(0, (mean_rows // 2).bit_length() - 1)
     return int(min(MAX_BLOCK_ROWS, max(8, block)))
