@@ -119,7 +119,7 @@ def default_block_rows(assignments: int, num_groups: int) -> int:
     group size, in [8, MAX_BLOCK_ROWS]. Larger blocks run faster matmuls, smaller ones pad less
     (padding < E·block rows). benchmarks/moe_layer.py, 64 experts, top-8, mean group 128 on a
     loaded CPU: B = 64 (padding 23%) had the better forward+backward median, B = 32 (11%) the
-    better forward median, in two runs (benchmarks/README.md)."""
+    better forward median, in three runs (benchmarks/README.md)."""
     mean_rows = max(1, assignments // max(num_groups, 1))
     block = 1 << max(0, (mean_rows // 2).bit_length() - 1)
     return int(min(MAX_BLOCK_ROWS, max(8, block)))
