@@ -25,7 +25,7 @@ first given do, the first given is the base (step 0) and the rest are sorted; ot
 analysed in the unscanned layout (a scanned tree is split into ``layers_{i}``).
 
 For every checkpoint t >= 1 and every matrix of the layout (for Qwen: q, k, v, o, gate, up, down
-of every layer), from ΔW_t = W_t − W_0 (metrics of ``effopd_jax.monitor``, HF orientation ``[out, in]``,
+of every layer; for a mixture of experts also the router and every expert's gate, up, down), from ΔW_t = W_t − W_0 (metrics of ``effopd_jax.monitor``, HF orientation ``[out, in]``,
 U spans the output space):
   update_norm ‖ΔW‖_F, w0_norm ‖W_0‖_F, rel_update ‖ΔW‖_F/‖W_0‖_F,
   alloc (the module's share of its layer's Σ‖ΔW‖_F²),
@@ -35,7 +35,10 @@ U spans the output space):
   overlap_prev_left/right the same with the previous checkpoint's update (empty for t = 1).
 
 Outputs in ``--out``:
-  metrics.csv       one row per (checkpoint, layer, module) with the columns above;
+  metrics.csv       one row per (checkpoint, layer, module) with the columns above; for a mixture
+                    of experts one row per (checkpoint, layer, module, expert), with an `expert`
+                    column (empty for the dense matrices); the plots average a layer's experts
+                    (their allocation shares add up);
   summary.csv       one row per (checkpoint, module type): means over layers, the module type's
                     share of the whole model's squared update (alloc_model), and a row
                     module="all" with model-wide rel_update and mean overlaps;
@@ -80,6 +83,8 @@ from effopd_jax.models import ModelConfig, ModelLayout
 NON_ARCHITECTURE_FIELDS = (
     "param_dtype", "dtype", "scan_layers", "remat", "max_position_embeddings", "initializer_range",
     "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rms_norm_eps",
+    # Mixture of experts: how the experts run and the router losses' weights.
+    "moe_impl", "router_aux_loss_coef", "output_router_logits", "router_z_loss_coef",
 )
 METRIC_COLUMNS = (
     "update_norm", "w0_norm", "rel_update", "alloc", "energy", "erank",
@@ -372,6 +377,8 @@ def analyze(
     layout = models.layout(model_config)
     base = monitor.module_kernels(base_params, layout)
     module_layers = {name: layout.module_layers(name) for name in layout.matrix_modules}
+    module_rows = {name: layout.module_rows(name) for name in layout.matrix_modules}
+    has_experts = any(layout.module_experts(name) for name in layout.matrix_modules)
     check_k(base, k)
     if rank_k_export is not None:
         check_k(base, rank_k_export, "--rank-k-export")
@@ -392,13 +399,15 @@ def analyze(
         stats = _module_stats(kernels, base, key, config_m, ref)
         shares = {n: np.asarray(v) for n, v in monitor.allocation(
             {n: s["update_norm"] for n, s in stats.items()}, module_layers).items()}
-        for name, layers in module_layers.items():
+        for name in module_layers:
             s = stats[name]
             if prev is not None:
                 s["overlap_prev_left"] = _overlap(s["u"], prev[name]["u"])
                 s["overlap_prev_right"] = _overlap(s["v"], prev[name]["v"])
-            for row_index, layer in enumerate(layers):
+            for row_index, (layer, expert) in enumerate(module_rows[name]):
                 row = {"checkpoint": names[i], "step": steps[i], "layer": layer, "module": name}
+                if has_experts:
+                    row["expert"] = "" if expert is None else expert
                 value = lambda key: s[key][row_index]  # noqa: E731
                 row.update(
                     update_norm=value("update_norm"), w0_norm=value("w0_norm"),
@@ -409,7 +418,8 @@ def analyze(
                     overlap_prev_right=value("overlap_prev_right") if prev is not None else "",
                 )
                 rows.append(row)
-        summary.extend(_summarize(names[i], steps[i], stats, shares, prev is not None, erank_key))
+        summary.extend(_summarize(names[i], steps[i], stats, shares, prev is not None, erank_key,
+                                  module_layers))
         prev = {name: {"u": stats[name]["u"], "v": stats[name]["v"]} for name in module_layers}
         _log(f"metrics {i}/{len(paths) - 1} {names[i]} in {time.perf_counter() - start:.1f} s")
 
@@ -418,7 +428,7 @@ def analyze(
                             model_config.num_hidden_layers, module_layers)
     _write_csv(os.path.join(out_dir, "metrics.csv"), rows)
     _write_csv(os.path.join(out_dir, "summary.csv"), summary)
-    _write_spectrum_csv(os.path.join(out_dir, "spectrum.csv"), final_spectra, module_layers)
+    _write_spectrum_csv(os.path.join(out_dir, "spectrum.csv"), final_spectra, module_rows, has_experts)
     _log(f"wrote metrics.csv ({len(rows)} rows), summary.csv, spectrum.csv to {out_dir}")
     if plots:
         for path in write_plots(result, out_dir):
@@ -431,7 +441,7 @@ def analyze(
     return result
 
 
-def _summarize(name, step, stats, shares, has_prev, erank_key) -> list[dict[str, Any]]:
+def _summarize(name, step, stats, shares, has_prev, erank_key, module_layers) -> list[dict[str, Any]]:
     total_update2 = sum(float(np.sum(np.square(s["update_norm"]))) for s in stats.values())
     total_w02 = sum(float(np.sum(np.square(s["w0_norm"]))) for s in stats.values())
     out = []
@@ -441,7 +451,8 @@ def _summarize(name, step, stats, shares, has_prev, erank_key) -> list[dict[str,
             "update_norm": float(np.sqrt(np.sum(np.square(s["update_norm"])))),
             "rel_update": float(np.sqrt(np.sum(np.square(s["update_norm"])) / np.sum(np.square(s["w0_norm"])))),
             "alloc_model": float(np.sum(np.square(s["update_norm"])) / total_update2) if total_update2 > 0 else 0.0,
-            "alloc_layer_mean": float(np.mean(shares[module])),
+            # The module's share of a layer (its experts' shares added), averaged over layers.
+            "alloc_layer_mean": float(np.sum(shares[module]) / len(set(module_layers[module]))),
             "energy": float(np.mean(s["energy"])), "erank": float(np.mean(s[erank_key])),
             "overlap_final_left": float(np.mean(s["overlap_left"])),
             "overlap_final_right": float(np.mean(s["overlap_right"])),
@@ -470,17 +481,20 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _write_spectrum_csv(path: str, spectra: Mapping[str, np.ndarray],
-                        module_layers: Mapping[str, tuple[int, ...]]) -> None:
+                        module_rows: Mapping[str, tuple[tuple[int, int | None], ...]],
+                        has_experts: bool = False) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "module", "j", "sigma", "sigma_over_sigma1", "cumulative_energy"])
+        writer.writerow(["layer", "module"] + (["expert"] if has_experts else [])
+                        + ["j", "sigma", "sigma_over_sigma1", "cumulative_energy"])
         for name, stacked in spectra.items():
-            for layer, s in zip(module_layers[name], stacked):
+            for (layer, expert), s in zip(module_rows[name], stacked):
                 s = np.asarray(s, np.float64)
                 energy = np.cumsum(s**2) / max(np.sum(s**2), np.finfo(np.float64).tiny)
                 top = s[0] if s[0] > 0 else 1.0
+                where = [layer, name] + (["" if expert is None else expert] if has_experts else [])
                 for j, (value, cum) in enumerate(zip(s, energy), start=1):
-                    writer.writerow([layer, name, j, float(value), float(value / top), float(cum)])
+                    writer.writerow(where + [j, float(value), float(value / top), float(cum)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,10 +517,14 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     L = result.num_layers
 
     def grid(column):
+        """[layer, module] values; an expert module's rows are averaged over its experts, except
+        its allocation shares, which add up."""
         values = np.zeros((L, len(modules)))
+        counts = np.zeros((L, len(modules)))
         for r in final_rows:
-            values[r["layer"], modules.index(r["module"])] = float(r[column])
-        return values
+            values[r["layer"], modules.index(r["module"])] += float(r[column])
+            counts[r["layer"], modules.index(r["module"])] += 1
+        return values if column == "alloc" else values / np.maximum(counts, 1)
 
     # 1. Relative update heatmap.
     rel = grid("rel_update")

@@ -202,6 +202,11 @@ FIELDS: tuple[Field, ...] = (
           "if a program does not fit (`python -m effopd_jax.plan` plans for a named TPU / GPU slice)"),
     *_model_fields("student.", param_dtype="float32"),
     Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
+    Field("student.router_aux_loss_coef", 0.0, Real(low=0.0),
+          "mixture-of-experts student: weight of HF's router load-balancing loss added to the objective "
+          "(HF's `router_aux_loss_coef`, e.g. the 0.001 Qwen3-MoE checkpoints carry); 0: off. A dense student refuses > 0"),
+    Field("student.router_z_loss_coef", 0.0, Real(low=0.0),
+          "mixture-of-experts student: weight of the router z-loss (mean logsumexp(router logits)^2); 0: off"),
     Field("init_from", "", OptionalPath(directory=False),
           "the student's initial weights instead of `student.path`'s: an HF directory or an orbax params checkpoint",
           applies_when=Equals("student.init", "checkpoint")),

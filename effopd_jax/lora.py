@@ -386,7 +386,21 @@ def unmerged_forward(config: ModelConfig, params_with_adapters: PyTree, input_id
     """``models.forward`` of the adapted model without merging: ``y = x·W + s·(x·A)·B`` at every
     adapted layer. ``params_with_adapters`` comes from :func:`with_adapters`; the keyword
     arguments are ``models.forward``'s. Pure and jit-able (the interceptor is installed while the
-    forward is traced, so it is part of every compiled program of this function)."""
+    forward is traced, so it is part of every compiled program of this function).
+
+    Raises:
+      ValueError: adapters on a matrix that is not a ``layers.Linear`` call (a mixture of
+        experts' stacked experts or router): the interceptor would skip them silently; use the
+        merged weights (:func:`merge_adapters`), as the trainer does.
+    """
+    layout = models.layout(config)
+    for path, _ in _adapter_nodes(params_with_adapters):
+        info = layout.find(path + ("kernel",))
+        if info.experts or info.group == "router":
+            what = "router" if info.group == "router" else "expert stack"
+            raise ValueError(f"LoRA: the unmerged forward applies adapters at layers.Linear calls only; "
+                             f"{info.name} is a mixture of experts' {what}: merge the adapters "
+                             "(lora.merge_adapters) instead")
     with unmerged(scale):
         return models.forward(config, params_with_adapters, input_ids, **forward_kwargs)
 

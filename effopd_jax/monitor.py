@@ -20,6 +20,14 @@ and scanned (``layers/self_attn/q_proj/kernel`` with a leading ``[num_layers]`` 
 work is ``vmap``-ed over the stacked layer axis (or ``lax.map``-ed in chunks of
 ``MonitorConfig.layer_batch_size`` to bound memory).
 
+Mixture of experts. A stack of expert matrices (``mlp/experts/gate_proj/kernel`` ``[E, in, out]``,
+``[L, E, in, out]`` scanned; ``ParamInfo.experts``) contributes one row per (layer, expert): each
+expert is its own linear map, so its ΔW has its own spectrum, effective rank and subspace, while
+a concatenation of experts would mix unrelated maps (and the experts the routing favoured would
+dominate its spectrum). The stack as a whole appears where sums are meaningful: a module's share
+of a layer's squared update (allocation) adds its experts, and per-layer keys aggregate them
+(``monitor_step``). The router (``mlp/gate``, ``[H, E]``) is a matrix module of its own.
+
 CPU note: with jaxlib 0.10.2 on a single CPU device, a jitted program holding several *batched*
 (vmapped) LAPACK SVDs intermittently never finishes (every XLA worker idle on a futex; seen in
 about half the runs of a 2-layer model's monitor pass, never with one layer at a time, never with
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Literal, Mapping, NamedTuple
 
 import jax
@@ -318,30 +327,30 @@ def _check_params_collection(params: Any) -> None:
         raise ValueError("pass the 'params' collection (variables['params']), not the variables dict")
 
 
-def _layer_stacked(info: ParamInfo, leaf: Array) -> Array:
-    """A matrix leaf as ``[layers it holds, in, out]``."""
-    if info.stack_axes not in ((), ("layers",)):
-        raise ValueError(f"{info.name}: the monitor handles matrices stacked over layers only, "
-                         f"not over {info.stack_axes}")
-    expected_ndim = 2 + len(info.stack_axes)
-    if leaf.ndim != expected_ndim:
-        raise ValueError(f"{info.name} has shape {tuple(leaf.shape)}; the layout expects a "
-                         f"{expected_ndim}-D matrix{' stack' if info.stack_axes else ''}")
-    return leaf if info.stack_axes else leaf[None]
+def _matrix_rows(info: ParamInfo, leaf: Array) -> Array:
+    """A matrix leaf as ``[rows, in, out]``: one row per layer it holds and, for an expert stack,
+    per expert (``info.rows`` order)."""
+    rows = len(info.rows)
+    if leaf.ndim < 2 or leaf.ndim > 4 or math.prod(leaf.shape[:-2]) != rows:
+        raise ValueError(f"{info.name} has shape {tuple(leaf.shape)}; the layout expects {rows} "
+                         f"[in, out] matrices (layers {info.layers}, experts {info.experts})")
+    return leaf.reshape((rows,) + leaf.shape[-2:])
 
 
 def module_kernels(params: Mapping[str, Any], layout: ModelLayout,
                    modules: tuple[str, ...] | None = None) -> dict[str, Array]:
-    """The matrices of each module over the layers that hold it, stacked: ``{module: [n, in, out]}``.
+    """The matrices of each module stacked: ``{module: [n, in, out]}``, one row per matrix.
 
-    ``n = len(layout.module_layers(module))``; row j is layer ``layout.module_layers(module)[j]``.
-    Scanned leaves are returned as they are (no copy); unscanned ones are stacked (a copy).
+    Row j is ``layout.module_rows(module)[j]`` = (layer, expert): for a dense module one row per
+    layer that holds it; for a mixture of experts' expert module one row per (layer, expert),
+    each expert's matrix analysed on its own (docs/architecture.md#mixture-of-experts).
+    Scanned leaves are reshaped (no copy); unscanned ones are stacked (a copy).
     ``modules`` defaults to every matrix module of the layout.
     """
     _check_params_collection(params)
     out = {}
     for module in layout.matrix_modules if modules is None else modules:
-        stacks = [_layer_stacked(info, _get(params, info.path)) for info in layout.matrices(module)]
+        stacks = [_matrix_rows(info, _get(params, info.path)) for info in layout.matrices(module)]
         for info, stack in zip(layout.matrices(module), stacks):
             if stack.shape[1:] != stacks[0].shape[1:]:
                 raise ValueError(f"{info.name} has shape {tuple(stack.shape[1:])}; expected "
@@ -371,9 +380,10 @@ def replace_module_kernels(params: Mapping[str, Any], layout: ModelLayout,
             raise ValueError(f"{module}: new kernels {tuple(stacked.shape)} != existing {tuple(expected)}")
         start = 0
         for info in entries:
-            rows = stacked[start:start + len(info.layers)]
-            start += len(info.layers)
-            new = _set(new, info.path, rows if info.stack_axes else rows[0])
+            rows = stacked[start:start + len(info.rows)]
+            start += len(info.rows)
+            leaf_shape = tuple(_get(params, info.path).shape)
+            new = _set(new, info.path, rows.reshape(leaf_shape[:-2] + rows.shape[-2:]))
     return new
 
 
@@ -689,6 +699,26 @@ def _mean(x: Array) -> Array:
     return jnp.mean(x.astype(jnp.float32))
 
 
+def _rows_by_layer(layers: tuple[int, ...]) -> dict[int, Array]:
+    """{layer: the row indices of that layer} (several rows per layer for an expert module)."""
+    grouped: dict[int, list[int]] = {}
+    for row, layer in enumerate(layers):
+        grouped.setdefault(layer, []).append(row)
+    return {layer: jnp.asarray(rows) for layer, rows in grouped.items()}
+
+
+def _layer_value(metric: str, stats: Mapping[str, Array], rows: Array) -> Array:
+    """One layer's value of a metric from its rows (one row, or one per expert): norms add in
+    squares (the layer's expert stack as a whole), the other metrics are means over experts."""
+    if metric == "update_norm":
+        return jnp.sqrt(jnp.sum(jnp.square(stats["update_norm"][rows].astype(jnp.float32))))
+    if metric == "rel_update":
+        update2 = jnp.sum(jnp.square(stats["update_norm"][rows].astype(jnp.float32)))
+        w02 = jnp.sum(jnp.square(stats["w0_norm"][rows].astype(jnp.float32)))
+        return jnp.where(w02 > 0, jnp.sqrt(update2 / jnp.where(w02 > 0, w02, 1.0)), 0.0)
+    return _mean(stats[metric][rows])
+
+
 @functools.partial(jax.jit, static_argnames=("config", "layout"))
 def monitor_step(
     state: MonitorState, params: Mapping[str, Any], key: Array, *, config: MonitorConfig,
@@ -705,8 +735,12 @@ def monitor_step(
       update_norm, rel_update, alloc (share of the layer's squared update norm),
       energy_top{k}, erank (full_spectrum) or erank_topk,
       overlap_left / overlap_right vs the previous pass (absent on the first pass);
-    per module (mean over its layers), ``P/mean/<module>/<metric>`` for the same metrics
-      except alloc, plus ``P/alloc/<module>`` its share of the whole model's squared update;
+      for an expert module (``mlp/experts/up_proj``) each expert's matrix is analysed on its own
+      and the layer's key aggregates its experts: update_norm and rel_update of the whole stack
+      (root of summed squares), alloc summed, the other metrics averaged over the experts;
+    per module (mean over its matrices: layers, and experts), ``P/mean/<module>/<metric>`` for
+      the same metrics except alloc, plus ``P/alloc/<module>`` its share of the whole model's
+      squared update;
     model-wide: ``P/total/update_norm``, ``P/total/rel_update`` (‖ΔW‖/‖W_0‖ over all monitored
       matrices), ``P/mean/<metric>`` (mean over all modules and layers).
 
@@ -747,11 +781,11 @@ def monitor_step(
     metrics: dict[str, Array] = {}
     for name, stats in per_module.items():
         if config.per_layer:
-            for row, layer in enumerate(module_layers[name]):
+            for layer, rows in _rows_by_layer(module_layers[name]).items():
                 base = f"{p}/layers_{layer}/{name}"
                 for src, dst in named.items():
-                    metrics[f"{base}/{dst}"] = stats[src][row].astype(jnp.float32)
-                metrics[f"{base}/alloc"] = shares[name][row].astype(jnp.float32)
+                    metrics[f"{base}/{dst}"] = _layer_value(src, stats, rows)
+                metrics[f"{base}/alloc"] = jnp.sum(shares[name][rows]).astype(jnp.float32)
         for src, dst in named.items():
             metrics[f"{p}/mean/{name}/{dst}"] = _mean(stats[src])
     total_update2 = sum(jnp.sum(jnp.square(s["update_norm"])) for s in per_module.values())

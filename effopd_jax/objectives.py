@@ -125,6 +125,21 @@ def response_hidden_states(config: ModelConfig, params: PyTree, prompt_ids: jax.
     return jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, new_tokens, axis=1)
 
 
+def response_hidden_states_with_aux(config: ModelConfig, params: PyTree, prompt_ids: jax.Array,
+                                    prompt_mask: jax.Array, response_ids: jax.Array,
+                                    response_mask: jax.Array) -> tuple[jax.Array, models.AuxOutput]:
+    """:func:`response_hidden_states` and the model's own training losses
+    (``models.forward_with_aux``: a mixture of experts' router losses over every real prompt and
+    response token; zero for a dense model), from the same single forward."""
+    prompt_len = prompt_ids.shape[1]
+    new_tokens = response_ids.shape[1]
+    input_ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    hidden, aux = models.forward_with_aux(config, params, input_ids, attention_mask=attention_mask,
+                                          return_hidden_states=True)
+    return jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, new_tokens, axis=1), aux
+
+
 def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array,
                       prompt_mask: jax.Array, response_ids: jax.Array, response_mask: jax.Array,
                       *, temperature: float, chunk_size: int) -> jax.Array:
@@ -219,7 +234,17 @@ register_loss(OPDLoss("topk_reverse_kl", "hidden_states", _reverse_kl(topk=True)
 
 def opd_loss(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
              settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The objective ``loss`` of the student ``params`` (the full model params) on one batch."""
-    hidden = response_hidden_states(config, params, batch.prompt_ids, batch.prompt_mask,
-                                    batch.response_ids, batch.response_mask)
-    return loss.objective(hidden, models.lm_head_weight(config, params), batch, settings)
+    """The objective ``loss`` of the student ``params`` (the full model params) on one batch.
+
+    A model with training losses of its own (a mixture of experts' router load-balancing and
+    z-losses, ``models.forward_with_aux``) adds them, already weighted, to the objective and
+    reports them: ``aux_loss`` (what was added) and the unweighted terms (e.g.
+    ``moe/load_balancing_loss``). A dense model's value and metrics are the objective's alone.
+    """
+    hidden, aux = response_hidden_states_with_aux(config, params, batch.prompt_ids, batch.prompt_mask,
+                                                   batch.response_ids, batch.response_mask)
+    value, metrics = loss.objective(hidden, models.lm_head_weight(config, params), batch, settings)
+    if aux.metrics:  # static: the family reports router losses
+        value = value + aux.loss
+        metrics = {**metrics, **aux.metrics, "aux_loss": aux.loss}
+    return value, metrics

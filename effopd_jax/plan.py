@@ -277,10 +277,12 @@ def model_config(spec: ml_collections.ConfigDict, field: str, *, remat: str = "n
             f"config.{field}.path is empty and config.{field}.hf_name names no architecture: set one "
             f"(a checkpoint directory or config.json; or one of {', '.join(published_configs.names())})")
     try:
-        return models.config_from_hf(source, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
-                                     scan_layers=bool(spec.scan_layers), remat=remat)
+        config = models.config_from_hf(source, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
+                                       scan_layers=bool(spec.scan_layers), remat=remat)
     except ValueError as e:
         raise ValueError(f"config.{field}: {e}") from None
+    # A MoE student's router losses are part of its update program, as in the trainer.
+    return setup.with_router_losses(config, spec, field)
 
 
 def abstract_params(config: ModelConfig, mesh: Mesh) -> PyTree:

@@ -8,6 +8,19 @@ The model names every parameter dimension and the main activation dimensions wit
   tensor  Megatron tensor parallelism: attention heads, MLP columns and the vocabulary split;
           the residual stream (`act_embed`) is replicated across `tensor`.
 
+Mixture-of-experts weights (`[experts, ...]` stacks, logical axis `expert`) are split over
+`fsdp`: expert parallelism shares the fsdp axis instead of adding a mesh axis. An fsdp group of n
+devices then holds E/n whole experts each, and the MoE layer runs expert-parallel over it
+(`effopd_jax.models.moe.expert_ffn`: tokens all-gathered within the group, each device computes
+its own experts, partial outputs reduce-scattered back), so expert weights never move, while
+dense weights stay ZeRO-3 sharded on `embed` as before. Why not a separate `expert` axis: the
+fsdp axis already splits the batch and the parameters, which is exactly what expert
+parallelism needs, so every existing mesh keeps working (no new axis in the batch specs, the
+sampler or the config), and a dense student sharing the mesh with a MoE teacher is unaffected.
+The cost is that the expert-parallel degree is the fsdp size (num_experts must divide by it).
+The experts' own hidden dimension (`expert_embed`) is therefore not split again; their
+intermediate dimension (`expert_mlp`) follows `tensor` like a dense MLP's.
+
 Typical use:
 
     mesh = make_mesh(data=-1, fsdp=2, tensor=1)
@@ -45,6 +58,10 @@ LOGICAL_RULES: LogicalRules = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("expert", "fsdp"),
+    ("expert_embed", None),
+    ("expert_mlp", "tensor"),
+    ("router", None),
     # Activations.
     ("act_batch", BATCH_AXES),
     ("act_length", None),

@@ -7,7 +7,8 @@
     logits = models.forward(config, params, input_ids, attention_mask=mask)  # [batch, seq, vocab]
     models.save_hf(config, params, "/out/student")
 
-A *family* (Qwen2/2.5/3 today: `effopd_jax/models/qwen.py`) registers itself under the HF
+A *family* (Qwen2/2.5/3: `effopd_jax/models/qwen.py`; Qwen3-MoE: `effopd_jax/models/qwen3_moe.py`,
+on the shared MoE block of `effopd_jax/models/moe.py`) registers itself under the HF
 `model_type`s it reads; every function here dispatches on `config.model_type`, so callers never
 import a family module. An unsupported `model_type` is refused with the list of supported ones.
 The parameter layout (`layout(config)`) tells conversion, EffOPD's default filter, the
@@ -16,6 +17,8 @@ foresight monitor and the analysis what each parameter leaf is.
 Public API
   load_hf, save_hf, load_params, config_from_hf      HF safetensors checkpoints <-> params
   forward                                            logits (or hidden states), optional cache
+  forward_with_aux                                   the training forward: output + AuxOutput
+                                                     (a mixture of experts' router losses)
   init_params, abstract_params, param_logical_axes   params without a checkpoint; their axes
   init_cache, lm_head_weight, layout                 decoding cache, output head, layout
   init_paged_cache, forward_paged                    paged decoding cache (continuous batching)
@@ -32,7 +35,9 @@ import jax.numpy as jnp
 
 # Importing a family module registers it.
 from effopd_jax.models import qwen as _qwen  # noqa: F401
+from effopd_jax.models import qwen3_moe as _qwen3_moe  # noqa: F401
 from effopd_jax.models.family import (
+    AuxOutput,
     ModelConfig,
     ModelFamily,
     ModelLayout,
@@ -57,10 +62,10 @@ from effopd_jax.models.hf import (
 PyTree = Any
 
 __all__ = [
-    "CheckpointError", "MissingTensorError", "ModelConfig", "ModelFamily", "ModelLayout",
+    "AuxOutput", "CheckpointError", "MissingTensorError", "ModelConfig", "ModelFamily", "ModelLayout",
     "ParamInfo", "TensorShapeError", "UnexpectedTensorError", "UnsupportedConfigError",
-    "abstract_params", "config_from_hf", "family_for", "forward", "forward_paged", "init_cache",
-    "init_paged_cache", "init_params",
+    "abstract_params", "config_from_hf", "family_for", "forward", "forward_paged", "forward_with_aux",
+    "init_cache", "init_paged_cache", "init_params",
     "layout", "lm_head_weight", "load_hf", "load_params", "param_logical_axes", "read_hf_config",
     "register_family", "save_hf", "supported_model_types",
 ]
@@ -92,6 +97,23 @@ def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
     return family_for(config).apply(config, params, input_ids, positions=positions,
                                     attention_mask=attention_mask, cache=cache,
                                     return_hidden_states=return_hidden_states)
+
+
+def forward_with_aux(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
+                     positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                     return_hidden_states: bool = False) -> tuple[Any, AuxOutput]:
+    """The training forward: :func:`forward`'s output (no cache) and the model's own losses.
+
+    Returns `(out, aux)`: `out` as :func:`forward`; `aux` an :class:`AuxOutput` whose `loss`
+    (float32, already weighted) the objective adds and whose `metrics` are logged. For a
+    mixture of experts (docs/architecture.md#mixture-of-experts): `router_aux_loss_coef` times
+    HF's load-balancing loss when `config.output_router_logits`, plus `router_z_loss_coef` times
+    the router z-loss, over the real tokens of `attention_mask`; for a dense family 0 and no
+    metrics. Pure and jit-able; the side channel is the flax collection the MoE blocks sow into.
+    """
+    return family_for(config).apply_with_aux(config, params, input_ids, positions=positions,
+                                             attention_mask=attention_mask,
+                                             return_hidden_states=return_hidden_states)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, shardings: Any = None) -> PyTree:

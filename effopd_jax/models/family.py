@@ -25,9 +25,10 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -95,6 +96,9 @@ class ParamInfo:
         `[in, out]` here and `[out, in]` in HF.
       extrapolate: whether EffOPD's default filter selects the leaf for this family (the
         authors' rule; docs/effopd_rule.md#parameter-filter).
+      experts: for a stack of mixture-of-experts matrices, the number of experts on its
+        `experts` axis (the axis after the `layers` one, when scanned); 0 otherwise. Each
+        expert's `[in, out]` matrix is one row of the monitor's analyses (`module_rows`).
     """
 
     path: tuple[str, ...]
@@ -106,10 +110,21 @@ class ParamInfo:
     hf_names: tuple[str, ...]
     transpose: bool
     extrapolate: bool
+    experts: int = 0
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"ParamInfo.role must be one of {ROLES}, got {self.role!r}")
+        if self.experts < 0 or (self.experts and self.role != MATRIX):
+            raise ValueError(f"ParamInfo.experts must be 0, or > 0 on a matrix; got {self.experts} "
+                             f"on a {self.role} ({self.name})")
+
+    @property
+    def rows(self) -> tuple[tuple[int, int | None], ...]:
+        """`(layer, expert)` of each `[in, out]` matrix the leaf holds, in row-major order
+        (`expert` None when the leaf is not an expert stack)."""
+        experts: tuple[int | None, ...] = tuple(range(self.experts)) if self.experts else (None,)
+        return tuple((layer, expert) for layer in self.layers for expert in experts)
 
     @property
     def name(self) -> str:
@@ -166,8 +181,18 @@ class ModelLayout:
         return entries
 
     def module_layers(self, module: str) -> tuple[int, ...]:
-        """The decoder layers that hold a matrix of `module`, in order."""
-        return tuple(layer for info in self.matrices(module) for layer in info.layers)
+        """The decoder layer of each row of `module`'s stacked matrices, in order: the layers
+        that hold the module, each repeated once per expert for an expert stack."""
+        return tuple(layer for layer, _ in self.module_rows(module))
+
+    def module_rows(self, module: str) -> tuple[tuple[int, int | None], ...]:
+        """`(layer, expert)` of each row of `module`'s stacked matrices (`ParamInfo.rows` over
+        its leaves, ordered by layer); `expert` is None for a module without experts."""
+        return tuple(row for info in self.matrices(module) for row in info.rows)
+
+    def module_experts(self, module: str) -> int:
+        """How many experts each layer of `module` stacks (0: not an expert module)."""
+        return self.matrices(module)[0].experts
 
     def module_groups(self) -> dict[str, tuple[str, ...]]:
         """`{group: modules}` over the matrix modules, e.g. `{"attention": (...), "mlp": (...)}`."""
@@ -185,6 +210,19 @@ class ModelLayout:
         (what `effopd(param_filter=...)` takes)."""
         selected = self.extrapolated_names()
         return lambda name: name in selected
+
+
+class AuxOutput(NamedTuple):
+    """What a training forward adds besides its output (:meth:`ModelFamily.apply_with_aux`).
+
+    Attributes:
+      loss: float32 scalar, already weighted: add it to the objective (e.g. a mixture of
+        experts' router load-balancing loss times its coefficient); 0 when the family has none.
+      metrics: unweighted terms for logging, by name (e.g. ``"moe/load_balancing_loss"``).
+    """
+
+    loss: jax.Array
+    metrics: dict[str, jax.Array]
 
 
 class ModelFamily(abc.ABC):
@@ -217,6 +255,18 @@ class ModelFamily(abc.ABC):
               positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
               cache: PyTree | None = None, return_hidden_states: bool = False) -> Any:
         """The forward pass; see :func:`effopd_jax.models.forward` for the contract."""
+
+    def apply_with_aux(self, config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
+                       positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                       return_hidden_states: bool = False) -> tuple[Any, AuxOutput]:
+        """The uncached forward plus the model's own training losses (:class:`AuxOutput`).
+
+        The default (families without such losses) is `apply` and a zero loss; a mixture of
+        experts returns its router losses, from statistics its layers sow during the forward.
+        """
+        out = self.apply(config, params, input_ids, positions=positions,
+                         attention_mask=attention_mask, return_hidden_states=return_hidden_states)
+        return out, AuxOutput(jnp.zeros((), jnp.float32), {})
 
     @abc.abstractmethod
     def init_params(self, config: ModelConfig, rng: jax.Array) -> PyTree:
@@ -303,7 +353,8 @@ def family_for(config_or_model_type: ModelConfig | str) -> ModelFamily:
                   else getattr(config_or_model_type, "model_type", None))
     family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        hint = " (mixture-of-experts models are not implemented)" if "moe" in str(model_type) else ""
+        hint = (" (this mixture-of-experts family is not implemented)"
+                if "moe" in str(model_type) else "")
         raise UnsupportedConfigError(
             f"config field model_type={model_type!r} is not supported{hint}; "
             f"supported: {supported_model_types()}")

@@ -11,7 +11,14 @@ Safetensors files are read through a memory map of the documented format (8-byte
 header length, JSON header, raw little-endian data) rather than `safetensors.safe_open(framework=
 "np")`, because numpy has no bfloat16 and that reader rejects BF16 tensors, the dtype every
 published Qwen checkpoint uses; `ml_dtypes.bfloat16` (a JAX dependency) covers it. The memory map
-means each device shard reads only the bytes it needs, so peak host memory is about one tensor.
+means each device shard reads only the bytes it needs. A leaf that stacks several HF tensors
+over the decoder layers (scanned layers, with or without a mixture of experts' `experts` axis
+after it) is assembled one layer at a time, each written into the sharded array on device, so a
+host holds at most one layer's local blocks of one module, never the whole stack; saving fetches
+such leaves one layer at a time too.
+
+Orientation: `ParamInfo.transpose` swaps the last two axes (`[in, out]` here, `[out, in]` in HF);
+for the 2-D matrices of a dense model that is the plain transpose.
 
 Errors: every problem with a checkpoint raises a `CheckpointError` subclass naming the tensor(s);
 config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
@@ -20,6 +27,7 @@ model needs is never initialised when the checkpoint lacks it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -208,7 +216,9 @@ class _Leaf:
     def hf_shape(self) -> tuple[int, ...]:
         """The shape of each HF tensor feeding this leaf."""
         per_tensor = self.shape[len(self.info.stack_axes):]
-        return tuple(reversed(per_tensor)) if self.info.transpose else per_tensor
+        if not self.info.transpose:
+            return per_tensor
+        return per_tensor[:-2] + (per_tensor[-1], per_tensor[-2])
 
 
 def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
@@ -299,30 +309,84 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = N
     arrays = []
     for leaf, sharding in zip(leaves, leaf_shardings):
         views = [reader.array(name) for name in leaf.info.hf_names]
-        if leaf.info.transpose:
-            views = [view.T for view in views]  # still a lazy view of the memory map
-        arrays.append(jax.make_array_from_callback(
-            leaf.shape, sharding, _block_reader(views, leaf, target_dtype), dtype=target_dtype))
+        if leaf.info.transpose:  # still lazy views of the memory map
+            views = [np.swapaxes(view, -1, -2) for view in views]
+        arrays.append(_assemble_leaf(leaf.shape, leaf.stack_shape, views, sharding, target_dtype,
+                                     by_layer=_layer_stacked(leaf)))
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
-def _block_reader(views: list[np.ndarray], leaf: _Leaf, dtype: np.dtype) -> Callable:
-    """The callback that assembles one device's block of `leaf` from the per-tensor views."""
-    stack_shape = leaf.stack_shape
+def _layer_stacked(leaf: _Leaf) -> bool:
+    """Whether the leaf's leading axis stacks several decoder layers (streamed layer by layer)."""
+    return leaf.info.stack_axes[:1] == ("layers",) and leaf.shape[0] > 1
+
+
+def _assemble_leaf(shape: tuple[int, ...], stack_shape: tuple[int, ...], views: list[np.ndarray],
+                   sharding: jax.sharding.Sharding, dtype: np.dtype, *, by_layer: bool) -> jax.Array:
+    """The array `shape` laid out by `sharding`, from the HF tensor `views` (one per index of
+    `stack_shape`, row-major). With `by_layer` (a leaf stacked over layers) it is built one
+    slice of its leading axis at a time (host memory: one layer's local blocks) when the
+    sharding can describe a slice."""
+    slice_sharding = _leading_slice_sharding(sharding, len(shape)) if by_layer else None
+    if slice_sharding is None:
+        return jax.make_array_from_callback(shape, sharding, _block_reader(views, stack_shape, dtype),
+                                            dtype=dtype)
+    per_slice = math.prod(stack_shape[1:])
+    out = _zeros(shape, dtype, sharding)()
+    write = _slice_writer(shape, dtype, sharding)
+    for i in range(shape[0]):
+        part = jax.make_array_from_callback(
+            shape[1:], slice_sharding,
+            _block_reader(views[i * per_slice:(i + 1) * per_slice], stack_shape[1:], dtype),
+            dtype=dtype)
+        # Waited for: with asynchronous dispatch the loop would otherwise read every layer
+        # before the first write ran, holding them all on the host at once.
+        out = write(out, part, i).block_until_ready()
+    return out
+
+
+def _leading_slice_sharding(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding | None:
+    """The sharding of `x[i]` for an `ndim`-D array laid out by `sharding`, when expressible."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding) -> Callable:
+    return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _slice_writer(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding) -> Callable:
+    """`(full, part, i) -> full.at[i].set(part)`, in place (the full array is donated)."""
+    del dtype  # part of the cache key only
+    return jax.jit(lambda full, part, i: jax.lax.dynamic_update_index_in_dim(full, part, i, 0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+def _block_reader(views: list[np.ndarray], stack_shape: tuple[int, ...], dtype: np.dtype) -> Callable:
+    """The callback that assembles one device's block from the per-tensor views (one view per
+    index of `stack_shape`, the leading axes of the block)."""
     stack_rank = len(stack_shape)
+    ndim = stack_rank + views[0].ndim
 
     def fetch(index):
-        index = tuple(index) if index is not None else (slice(None),) * len(leaf.shape)
+        index = tuple(index) if index is not None else (slice(None),) * ndim
         if not stack_rank:
-            block = views[0][index]
-        else:
-            # The stacked axes index the HF tensors; gather the selected ones, then their slices.
-            selected = [range(size)[index[axis]] for axis, size in enumerate(stack_shape)]
-            parts = [views[int(np.ravel_multi_index(multi, stack_shape))][index[stack_rank:]]
-                     for multi in itertools.product(*selected)]
-            block = np.stack(parts).reshape(tuple(len(s) for s in selected) + parts[0].shape)
-        # A copy, never a view of the memory map: the device buffer must not alias the file.
-        return np.array(block, dtype=dtype, copy=True)
+            # A copy, never a view of the memory map: the device buffer must not alias the file.
+            return np.array(views[0][index], dtype=dtype, copy=True)
+        # The stacked axes index the HF tensors; copy each selected tensor's slice into place.
+        selected = [range(size)[index[axis]] for axis, size in enumerate(stack_shape)]
+        first = views[0][index[stack_rank:]]
+        block = np.empty(tuple(len(s) for s in selected) + first.shape, dtype)
+        for position, multi in zip(itertools.product(*(range(len(s)) for s in selected)),
+                                   itertools.product(*selected)):
+            block[position] = views[int(np.ravel_multi_index(multi, stack_shape))][index[stack_rank:]]
+        return block
 
     return fetch
 
@@ -393,7 +457,8 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
       max_shard_bytes: above this total size the tensors go into several
         `model-0000k-of-0000n.safetensors` files plus `model.safetensors.index.json`.
 
-    Host memory peaks at about one params leaf (a stacked leaf holds all its slices).
+    Host memory peaks at about one unstacked leaf, or one leading slice (one layer) of a
+    stacked leaf.
 
     Raises:
       MissingTensorError / UnexpectedTensorError / TensorShapeError: `params` does not have
@@ -429,18 +494,29 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         shard_bytes += nbytes
 
     os.makedirs(path, exist_ok=True)
-    cache: dict[int, np.ndarray] = {}  # holds the host copy of the leaf being written
+    # The host copy of what is being written: a whole unstacked leaf, or one leading slice of a
+    # stacked one (one layer of a scanned leaf), never a whole stack.
+    cache: dict[tuple[int, int], np.ndarray] = {}
 
     def fetch_entry(entry) -> np.ndarray:
         _, _, _, n, slice_number = entry
-        if n not in cache:
+        stack_shape = leaves[n].stack_shape
+        if slice_number is None or not _layer_stacked(leaves[n]):
+            key, inner = (n, 0), slice_number
+        else:
+            per_slice = math.prod(stack_shape[1:])
+            key, inner = (n, slice_number // per_slice), slice_number % per_slice
+        if key not in cache:
             cache.clear()
-            cache[n] = np.asarray(jax.device_get(arrays[n]))
-        array = cache[n]
-        if slice_number is not None:
-            flat = array.reshape((-1,) + array.shape[len(leaves[n].info.stack_axes):])
-            array = flat[slice_number]
-        return array.T if leaves[n].info.transpose else array
+            array = arrays[n]
+            if slice_number is not None and _layer_stacked(leaves[n]):
+                array = _leading_slice(array, key[1]) if isinstance(array, jax.Array) else array[key[1]]
+            cache[key] = np.asarray(jax.device_get(array))
+        array = cache[key]
+        if inner is not None:
+            stacked_rank = len(stack_shape) - (1 if _layer_stacked(leaves[n]) else 0)
+            array = array.reshape((-1,) + array.shape[stacked_rank:])[inner]
+        return np.swapaxes(array, -1, -2) if leaves[n].info.transpose else array
 
     total_size = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
     weight_map = {}
@@ -461,6 +537,12 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
     hf_config["torch_dtype"] = hf_config["dtype"]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+
+
+@jax.jit
+def _leading_slice(array: jax.Array, i: jax.Array) -> jax.Array:
+    """`array[i]` on device (one compilation per shape, whatever `i`)."""
+    return jax.lax.dynamic_index_in_dim(array, i, 0, keepdims=False)
 
 
 def _flatten_like(leaves: list[_Leaf], params: PyTree) -> list:

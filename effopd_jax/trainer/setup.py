@@ -7,6 +7,7 @@ in order; a custom loop can call them too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -107,6 +108,7 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     config = models.config_from_hf(
         spec.path, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
         scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"))
+    config = with_router_losses(config, spec, role)
     shardings = sharding_lib.param_shardings(config, mesh)
     if not weights and spec.init == "random":
         log(f"{role}: random initialisation (seed {spec.init_seed}) of {spec.path} — for smoke runs "
@@ -116,6 +118,23 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     if convert.is_orbax_params_dir(source):
         return config, convert.load_orbax_params(source, config, shardings=shardings)
     return config, models.load_params(source, config, shardings)
+
+
+def with_router_losses(config: ModelConfig, spec: ml_collections.ConfigDict, role: str) -> ModelConfig:
+    """The model config with the router-loss weights of ``spec`` (the student's
+    ``router_aux_loss_coef`` / ``router_z_loss_coef``; teachers have none): a positive
+    ``router_aux_loss_coef`` switches HF's load-balancing loss on (``output_router_logits``)."""
+    aux = float(spec.get("router_aux_loss_coef", 0.0))
+    z_loss = float(spec.get("router_z_loss_coef", 0.0))
+    if not aux and not z_loss:
+        return config
+    if not hasattr(config, "router_z_loss_coef"):
+        field = "router_aux_loss_coef" if aux else "router_z_loss_coef"
+        raise ValueError(f"config.student.{field}={aux if aux else z_loss}: the {role} "
+                         f"(model_type {config.model_type!r}) has no router (not a mixture of experts)")
+    return dataclasses.replace(config, output_router_logits=aux > 0,
+                               router_aux_loss_coef=aux if aux else config.router_aux_loss_coef,
+                               router_z_loss_coef=z_loss)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):

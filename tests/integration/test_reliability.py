@@ -228,7 +228,9 @@ def test_sigkill_at_random_points_and_mid_save_always_resumes_to_the_same_number
         proc.wait()
         kills.append((trial, _completed_steps(workdir), sorted(os.listdir(checkpoints)) if checkpoints.exists() else None))
         latest = checkpoint_lib.RunCheckpointer(str(checkpoints)).latest_step()
-        assert latest is not None and latest <= _completed_steps(workdir), (kills, latest)
+        # A kill after step k's metrics line but before checkpoint k commits leaves k-1 (or, at
+        # step 1, nothing): a checkpoint never runs ahead of the steps recorded.
+        assert latest is None or latest <= _completed_steps(workdir), (kills, latest)
         if _completed_steps(workdir) >= TOTAL_STEPS - 1:
             break
     assert len(kills) >= 3 and any(k[0] == "mid-save" for k in kills), kills

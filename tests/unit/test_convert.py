@@ -253,7 +253,7 @@ def test_tied_checkpoint_with_an_explicit_head(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda c: c.update(model_type="qwen3_moe", num_experts=8), "model_type"),
+    (lambda c: c.update(model_type="qwen2_moe", num_experts=8), "model_type"),
     (lambda c: c.update(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
      "rope"),
