@@ -54,6 +54,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 # models.qwen.REMAT_POLICIES, repeated so that checking a config imports no jax (a test checks they agree).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# models.layers.ATTENTION_IMPLS, repeated for the same reason (a test checks they agree).
+ATTENTION_IMPLS = ("auto", "direct", "blockwise", "cudnn", "splash")
 ROLLOUT_ENGINES = ("static",)  # the sampler: a static KV cache, prefill + lax.while_loop decode
 INIT_MODES = ("checkpoint", "random")
 BAD_ROW_MODES = ("skip", "raise")
@@ -79,6 +81,11 @@ def _model_fields(group: str, *, param_dtype: str) -> tuple[Field, ...]:
         Field(f"{group}compute_dtype", "bfloat16", Choice(DTYPES), "dtype of activations and matmuls"),
         Field(f"{group}scan_layers", False, Bool(),
               "stack the layers and `lax.scan` over them (compile time independent of depth)"),
+        Field(f"{group}attention", "auto", Choice(ATTENTION_IMPLS),
+              "attention of scoring and training forwards: `blockwise` (plain JAX, memory linear in the "
+              "sequence, any backend), `cudnn` (fused, GPU, 16-bit compute, no packing), `splash` "
+              "(Pallas kernel, TPU), `direct` (materialised `[heads, seq, seq]` scores: the reference); "
+              "`auto`: `cudnn` on GPU where it applies, else `blockwise`. Decoding is always direct"),
     )
 
 
@@ -124,6 +131,14 @@ FIELDS: tuple[Field, ...] = (
     Field("keep_checkpoints", 3, Int(1), "how many of the latest checkpoints to keep"),
     Field("export_hf", True, Bool(), "write the final student as HF safetensors to WORKDIR/hf"),
     Field("max_consecutive_skips", 10, Int(1), "non-finite loss / gradient skips in a row before the run stops"),
+    Field("micro_batch_size", 0, Int(0),
+          "rows per micro-batch of teacher scoring and of the update (gradients accumulated, normalised as "
+          "the whole step); across all devices, a multiple of `mesh.data * mesh.fsdp` dividing the step's "
+          "rows; with `pack_sequences`, packed rows per micro-batch. 0: the whole step at once"),
+    Field("pack_sequences", False, Bool(),
+          "pack several prompt + response sequences into each row (segment ids, no attention across "
+          "them) for teacher scoring and the update, so compute follows the real tokens; rows are "
+          "`data.max_prompt_length + rollout.max_new_tokens` long; needs `micro_batch_size`"),
     *_model_fields("student.", param_dtype="float32"),
     Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
     Field("init_from", "", OptionalPath(directory=False),
@@ -227,7 +242,8 @@ FIELDS: tuple[Field, ...] = (
 )
 
 GROUP_DOCS: Mapping[str, str] = {
-    "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, eval cadence.",
+    "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, micro-batches and "
+    "packing, eval cadence.",
     "student": "The model being trained.",
     "teachers[i]": "Each entry of `teachers`, a group built by `teacher_config(**overrides)`. On the command "
     "line: `'--config.teachers[0].path=...'` (quoted: `[0]` is a glob pattern to the shell).",
@@ -281,10 +297,30 @@ def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _micro_batches_divide_the_step(values: Mapping[str, Any]) -> str | None:
+    size = values["micro_batch_size"]
+    rows = values["data.prompts_per_step"] * values["rollout.samples_per_prompt"]
+    if size and rows % size:
+        return (f"{size} does not divide the step's data.prompts_per_step * rollout.samples_per_prompt "
+                f"= {rows} rows")
+    return None
+
+
+def _packing_needs_micro_batches(values: Mapping[str, Any]) -> str | None:
+    if values["pack_sequences"] and not values["micro_batch_size"]:
+        return ("pack_sequences runs the packed rows micro-batch by micro-batch: set micro_batch_size "
+                "(packed rows per micro-batch), e.g. the number of batch shards")
+    return None
+
+
 CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule("teachers", "exactly one teacher for now (several come with a later version)", _one_teacher),
     CrossRule("effopd.val_files", "`effopd.enabled` needs a non-empty `effopd.val_files`", _effopd_has_val_files),
     CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
+    CrossRule("micro_batch_size", "`micro_batch_size` divides `data.prompts_per_step * rollout.samples_per_prompt`"
+              " (and, checked with the mesh, is a multiple of `mesh.data * mesh.fsdp`)",
+              _micro_batches_divide_the_step),
+    CrossRule("pack_sequences", "`pack_sequences` needs `micro_batch_size > 0`", _packing_needs_micro_batches),
 )
 
 

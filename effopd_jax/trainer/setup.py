@@ -39,7 +39,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
 
 def rows_per_step(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
     """Rollouts per step (prompts x samples per prompt), checked to split over the mesh's batch
-    shards and the processes."""
+    shards and the processes, and into micro-batches that keep the batch split."""
     rows = config.data.prompts_per_step * config.rollout.samples_per_prompt
     batch_shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     if rows % batch_shards:
@@ -50,6 +50,10 @@ def rows_per_step(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
         raise ValueError(
             f"config.data.prompts_per_step={config.data.prompts_per_step} is not divisible by the "
             f"process count {jax.process_count()}")
+    if config.micro_batch_size % batch_shards:
+        raise ValueError(
+            f"config.micro_batch_size={config.micro_batch_size} is not a multiple of the mesh's batch "
+            f"shards data*fsdp = {batch_shards}: every device takes a share of every micro-batch")
     return rows
 
 
@@ -103,7 +107,8 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     """
     config = models.config_from_hf(
         spec.path, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
-        scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"))
+        scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"),
+        attention_impl=spec.get("attention", "auto"))
     shardings = sharding_lib.param_shardings(config, mesh)
     if not weights and spec.init == "random":
         log(f"{role}: random initialisation (seed {spec.init_seed}) of {spec.path} — for smoke runs "
@@ -144,7 +149,8 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh, tokenizer, *, lo
                 f"{field}.tokenizer: the teacher's tokenizer maps tokens to different ids than the "
                 "student's; token-level distillation needs one vocabulary")
     return Teacher(name=spec.name, config=teacher_config, params=params, output=loss.teacher_output,
-                   temperature=temperature, chunk_size=config.loss.chunk_size)
+                   temperature=temperature, chunk_size=config.loss.chunk_size,
+                   micro_batch_size=config.micro_batch_size)
 
 
 def load_reference(config: ml_collections.ConfigDict, mesh: Mesh, *, temperature: float,
@@ -158,7 +164,8 @@ def load_reference(config: ml_collections.ConfigDict, mesh: Mesh, *, temperature
     reference_config, params = load_model(config.student, mesh, weights=weights, log=log,
                                           role="G-OPD reference model")
     return Teacher(name="reference", config=reference_config, params=params, output="token_logprobs",
-                   temperature=temperature, chunk_size=config.loss.chunk_size)
+                   temperature=temperature, chunk_size=config.loss.chunk_size,
+                   micro_batch_size=config.micro_batch_size)
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
