@@ -55,6 +55,9 @@ class OPDBatch(NamedTuple):
       teacher_head: ``[teacher_hidden, vocab]`` the teacher's output projection (hidden-state
         objectives), or None.
       base_logprobs: ``[rows, max_new_tokens]`` float32 of G-OPD's reference model pi_B, or None.
+      teacher_rows: ``[rows, teachers]`` bool, which routed teacher scored each row (several
+        teachers routed by tag, :class:`effopd_jax.teachers.TeacherSet`), or None. Only read for
+        the per-teacher reverse-KL metrics; the loss reads ``teacher_logprobs`` alone.
     """
 
     prompt_ids: jax.Array
@@ -66,6 +69,7 @@ class OPDBatch(NamedTuple):
     teacher_hidden: jax.Array | None = None
     teacher_head: jax.Array | None = None
     base_logprobs: jax.Array | None = None
+    teacher_rows: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +187,35 @@ def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array
 # ---------------------------------------------------------------------------------------------
 
 
+# Metrics of the sampled-token objective when the batch says which routed teacher scored each row
+# (``batch.teacher_rows``): per teacher, sums (not means) over the whole step's tokens.
+TEACHER_REVERSE_KL_SUM = "teacher_reverse_kl_sum"
+TEACHER_NUM_TOKENS = "teacher_num_tokens"
+
+
+def per_teacher_reverse_kl_sums(token_reverse_kl: jax.Array, mask: jax.Array,
+                                teacher_rows: jax.Array) -> dict[str, jax.Array]:
+    """Per routed teacher j: the sum over its rows' valid tokens of the per-token reverse KL
+    ``sg(s) - T`` and their count, two ``[teachers]`` float32 (``reverse_kl/<name>`` is their
+    ratio). ``teacher_rows`` ``[rows, teachers]`` bool; the other arrays ``[rows, T]``."""
+    kl = jnp.sum(jnp.where(mask, token_reverse_kl, 0.0), axis=1)
+    tokens = jnp.sum(mask, axis=1).astype(jnp.float32)
+    rows = teacher_rows.astype(jnp.float32)
+    return {TEACHER_REVERSE_KL_SUM: jnp.sum(kl[:, None] * rows, axis=0),
+            TEACHER_NUM_TOKENS: jnp.sum(tokens[:, None] * rows, axis=0)}
+
+
+def step_metrics(loss: "OPDLoss", token_stats: dict[str, jax.Array], batch: OPDBatch) -> dict[str, jax.Array]:
+    """The metrics of a whole step from its per-token statistics ``[rows, T]``: the loss's
+    ``metrics``, plus the per-teacher reverse-KL sums when the rows were routed to several
+    teachers (``batch.teacher_rows``) and the objective reports ``sampled_reverse_kl``."""
+    metrics = loss.metrics(token_stats, batch.response_mask)
+    if batch.teacher_rows is not None and "sampled_reverse_kl" in token_stats:
+        metrics = {**metrics, **per_teacher_reverse_kl_sums(token_stats["sampled_reverse_kl"],
+                                                            batch.response_mask.astype(bool), batch.teacher_rows)}
+    return metrics
+
+
 def _sampled_token(student_hidden, student_head, batch: OPDBatch, settings: LossSettings) -> ObjectiveTerms:
     student_logprobs = losses.chunked_token_logprobs(
         student_hidden, student_head, batch.response_ids, chunk_size=settings.chunk_size,
@@ -254,4 +287,4 @@ def opd_loss(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDL
     terms = objective_terms(params, batch, config=config, loss=loss, settings=settings)
     weights, normaliser = losses.aggregation_weights(batch.response_mask, settings.aggregation)
     value = jnp.sum(weights * terms.token_losses) / normaliser
-    return value, loss.metrics(terms.token_stats, batch.response_mask)
+    return value, step_metrics(loss, terms.token_stats, batch)

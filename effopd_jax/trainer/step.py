@@ -84,7 +84,7 @@ def update_step(
     else:
         (loss_value, token_stats), grads = jax.value_and_grad(rows_loss, has_aux=True)(
             state.trainable_params, batch, weights)
-    loss_metrics = loss.metrics(token_stats, batch.response_mask)
+    loss_metrics = objectives.step_metrics(loss, token_stats, batch)
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
