@@ -688,6 +688,7 @@ class Plan:
     programs: Mapping[str, ProgramMemory]
     docs: Mapping[str, str]
     config_name: str = ""
+    skipped_groups: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -913,7 +914,8 @@ class CompileCache:
 
 
 def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Sequence[jax.Device] | None = None,
-              log: Log = lambda line: print(line, file=sys.stderr, flush=True), config_name: str = "") -> Plan:
+              log: Log = lambda line: print(line, file=sys.stderr, flush=True), config_name: str = "",
+              groups: Sequence[str] | None = None) -> Plan:
     """Compiles every program of one step of ``config`` for ``target`` and measures them.
 
     Args:
@@ -922,12 +924,17 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
       devices: the devices to compile for (default :func:`target_devices`).
       log: progress lines (one per program).
       config_name: how the report names the config.
+      groups: the program groups to plan (:func:`program_groups`: ``rollout``, ``scoring``,
+        ``update``, ...); None: all. A partial plan says which groups it left out.
 
     Raises:
       ValueError: a bad config (naming the field), an unknown engine, a target that cannot be
         compiled for here.
     """
     config_lib.validate_config(config, for_plan=True)
+    unknown = sorted(set(groups or ()) - set(_PROGRAMS))
+    if unknown:
+        raise ValueError(f"--programs: unknown program groups {unknown}; known: {', '.join(_PROGRAMS)}")
     devices = list(target_devices(target) if devices is None else devices)
     mesh = setup.make_mesh(config, devices)
     num_processes = len({d.process_index for d in devices})
@@ -940,7 +947,13 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
     step = abstract_step(config, mesh, num_processes=num_processes, compile_fn=cache)
     results: dict[str, ProgramMemory] = {}
     docs: dict[str, str] = {}
+    skipped = tuple(group for group in _PROGRAMS if groups is not None and group not in groups)
+    if skipped:
+        log(f"plan: only the program groups {', '.join(g for g in _PROGRAMS if g not in skipped)} "
+            f"(left out: {', '.join(skipped)})")
     for group, builder in _PROGRAMS.items():
+        if group in skipped:
+            continue
         for name, program in builder(step).items():
             if name in results:
                 raise ValueError(f"plan: program {name!r} of group {group!r} is already planned")
@@ -952,7 +965,8 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
                 f"({results[name].compile_seconds:.1f} s)")
     log(f"plan: done in {time.perf_counter() - started:.0f} s")
     return Plan(target=target, mesh_shape=dict(mesh.shape), rows=step.rows, prompt_length=step.prompt_length,
-                response_length=step.response_length, programs=results, docs=docs, config_name=config_name)
+                response_length=step.response_length, programs=results, docs=docs, config_name=config_name,
+                skipped_groups=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,6 +1008,9 @@ def format_report(plan: Plan) -> str:
     for name, p in plan.programs.items():
         lines.append(f"  {name}: {plan.docs.get(name, '')}; largest: {p.largest_buffer}")
     lines.append("")
+    if plan.skipped_groups:
+        lines.append(f"PARTIAL PLAN: the program groups {', '.join(plan.skipped_groups)} were left out (--programs); "
+                     "'fits' speaks for the programs above only")
     if plan.fits:
         lines.append(f"fits: every program's peak is within {_gib(usable)} GiB per device "
                      f"(largest: {plan.largest}, {_gib(plan.programs[plan.largest].peak_bytes)} GiB)")
@@ -1030,6 +1047,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "fits": plan.fits,
         "largest": plan.largest,
         "too_large": plan.too_large(),
+        **({"skipped_groups": list(plan.skipped_groups)} if plan.skipped_groups else {}),
     }
 
 
@@ -1084,7 +1102,9 @@ def main(argv: Sequence[str]) -> None:
     if target.platform == "gpu" and os.environ.get(_ESTIMATE_CHILD_ENV) != str(target.num_devices):
         raise SystemExit(_run_estimate_in_subprocess(target.num_devices))
     try:
-        plan = make_plan(config, target, config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+        groups = [g.strip() for g in flags.FLAGS.programs.split(",") if g.strip()] if flags.FLAGS.programs else None
+        plan = make_plan(config, target, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+                         groups=groups)
     except ValueError as e:
         print(f"effopd_jax.plan: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -1100,6 +1120,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("memory_fraction", None,
                        "part of each device's memory a run may use; default 1.0 on TPU, 0.75 on GPU (JAX's default "
                        "XLA_PYTHON_CLIENT_MEM_FRACTION: pass the value you run with)")
+    flags.DEFINE_string("programs", "",
+                        "comma-separated program groups to plan (optimizer_init, rollout, scoring, update, effopd, "
+                        "eval); default: all. A partial plan says so in its report and JSON (skipped_groups)")
     flags.mark_flags_as_required(["config", "topology"])
 
 
