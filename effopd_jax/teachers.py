@@ -546,7 +546,8 @@ class TeacherSet:
         ``plan`` when given), else in sub-batches."""
         total = source.response_ids.shape[0]
         if len(rows) == total:
-            return teacher.score(source, into, plan)
+            # The seam's two-argument call unless there is a plan (subclasses may keep that signature).
+            return teacher.score(source, into) if plan is None else teacher.score(source, into, plan)
         if len(rows) == 0:
             return into
         capacity = self._capacity[teacher.name] or teacher.micro_batch_size or default_rows_per_forward(
