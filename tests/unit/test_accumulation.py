@@ -126,3 +126,26 @@ def test_sharded_micro_batches_and_packing_equal_one_device(student_params, scor
         grads, _, hlo = _gradient_step(params, batch, aggregation="token-mean", mesh=mesh, hlo=True, **kwargs)
         _assert_same(grads, expected)
         assert "all-to-all" not in hlo
+
+
+def test_per_teacher_sums_of_routed_rows_are_the_whole_steps(student_params, scored):
+    """Several routed teachers (``batch.teacher_rows``): the per-teacher reverse-KL sums and token
+    counts of a micro-batched or packed update are those of the whole step, counted with numpy
+    from the unchunked forward's log-probs."""
+    rows = scored.response_mask.shape[0]
+    teacher_rows = np.zeros((rows, 2), bool)
+    teacher_rows[::2, 0] = teacher_rows[1::2, 1] = True
+    batch = scored._replace(teacher_rows=jnp.asarray(teacher_rows))
+    ids = jnp.concatenate([batch.prompt_ids, batch.response_ids], axis=1)
+    mask = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1)
+    logits = models.forward(dataclasses.replace(STUDENT, attention_impl="direct"), student_params, ids,
+                            attention_mask=mask)
+    student = np.asarray(losses.token_logprobs(logits[:, PROMPT - 1:-1], batch.response_ids, temperature=0.7))
+    valid = np.asarray(batch.response_mask)
+    kl_per_row = np.where(valid, student - np.asarray(batch.teacher_logprobs), 0.0).sum(axis=1)
+    expected_kl = np.asarray([kl_per_row[teacher_rows[:, j]].sum() for j in range(2)])
+    expected_tokens = np.asarray([valid[teacher_rows[:, j]].sum() for j in range(2)], np.float32)
+    for kwargs in ({}, {"micro_batch_size": 2}, {"micro_batch_size": 2, "plan": _plan(scored, 2)}):
+        _, metrics = _gradient_step(student_params, batch, aggregation="seq-mean-token-mean", **kwargs)
+        np.testing.assert_array_equal(metrics[objectives.TEACHER_NUM_TOKENS], expected_tokens)
+        np.testing.assert_allclose(metrics[objectives.TEACHER_REVERSE_KL_SUM], expected_kl, rtol=1e-4, atol=1e-5)
