@@ -7,7 +7,7 @@ anchor (docs/effopd_rule.md#interaction-with-g-opd).
 
 Memory: as `qwen3_1p7b_opd_effopd.py` (whose `micro_batch_size=64` and blockwise attention it
 inherits, changed to fit v5p:4x4x4), plus pi_B's scoring (the initial student, float32 params): on
-v5p:4x4x4 the plan measures pi_B's scoring 3.27 GiB and the update EXOPD_UPDATE_V5P GiB per chip
+v5p:4x4x4 the plan measures pi_B's scoring 3.27 GiB and the update 7.11 GiB per chip
 (pi_B's scoring needed >= 335 GiB with the whole step at once and dense attention;
 README.md#memory-plan). The rollout does not fit yet: it needs the continuous engine (issue 14 items 1-2).
 """
