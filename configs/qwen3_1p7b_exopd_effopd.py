@@ -5,8 +5,11 @@ Same as `qwen3_1p7b_opd_effopd.py` except the reward: A = lambda (T - B) - (s - 
 initial student (Qwen3-1.7B). Unlike the authors' code, pi_B stays fixed while EffOPD moves its
 anchor (docs/effopd_rule.md#interaction-with-g-opd).
 
-Memory: as `qwen3_1p7b_opd_effopd.py`, plus pi_B's scoring (the initial student, float32 params),
->= 335 GiB per chip on v5p:4x4x4 with today's programs (README.md#memory-plan).
+Memory: as `qwen3_1p7b_opd_effopd.py` (whose continuous rollout engine with 64 slots,
+`micro_batch_size=64` and blockwise attention it inherits, changed to fit v5p:4x4x4), plus pi_B's
+scoring (the initial student, float32 params): on v5p:4x4x4 the plan measures pi_B's scoring
+3.27 GiB and the update 7.11 GiB per chip (pi_B's scoring needed >= 335 GiB with the whole step at
+once and dense attention; README.md#memory-plan).
 """
 
 import importlib.util

@@ -81,7 +81,7 @@ from effopd_jax.models import ModelConfig, ModelLayout
 
 # Config fields that do not fix the parameter tree (checkpoints may differ in them).
 NON_ARCHITECTURE_FIELDS = (
-    "param_dtype", "dtype", "scan_layers", "remat", "max_position_embeddings", "initializer_range",
+    "param_dtype", "dtype", "scan_layers", "remat", "attention_impl", "max_position_embeddings", "initializer_range",
     "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rms_norm_eps",
     # Mixture of experts: how the experts run and the router losses' weights.
     "moe_impl", "router_aux_loss_coef", "output_router_logits", "router_z_loss_coef",

@@ -61,6 +61,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 # models.qwen.REMAT_POLICIES, repeated so that checking a config imports no jax (a test checks they agree).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# models.layers.ATTENTION_IMPLS, repeated for the same reason (a test checks they agree).
+ATTENTION_IMPLS = ("auto", "direct", "blockwise", "cudnn", "splash")
 # static: the sampler (a dense KV cache, prefill + lax.while_loop decode); continuous: slots over a
 # paged KV cache, refilled as rows finish (effopd_jax/continuous_batching.py).
 ROLLOUT_ENGINES = ("static", "continuous")
@@ -115,6 +117,12 @@ def _model_fields(group: str, *, param_dtype: str, applies_when=None) -> tuple[F
               applies_when=only(None)),
         Field(f"{group}scan_layers", False, Bool(),
               "stack the layers and `lax.scan` over them (compile time independent of depth)",
+              applies_when=only(None)),
+        Field(f"{group}attention", "auto", Choice(ATTENTION_IMPLS),
+              "attention of scoring and training forwards: `blockwise` (plain JAX, memory linear in the "
+              "sequence, any backend), `cudnn` (fused, GPU, 16-bit compute, no packing), `splash` "
+              "(Pallas kernel, TPU), `direct` (materialised `[heads, seq, seq]` scores: the reference); "
+              "`auto`: `cudnn` on GPU where it applies, else `blockwise`. Decoding is always direct",
               applies_when=only(None)),
     )
 
@@ -200,6 +208,14 @@ FIELDS: tuple[Field, ...] = (
           "print the memory plan of one step on this run's devices (every jitted program compiled with "
           "abstract shapes; no weights, prompts or tokenizer read) and exit without training; exit code 1 "
           "if a program does not fit (`python -m effopd_jax.plan` plans for a named TPU / GPU slice)"),
+    Field("micro_batch_size", 0, Int(0),
+          "rows per micro-batch of teacher scoring and of the update (gradients accumulated, normalised as "
+          "the whole step); across all devices, a multiple of `mesh.data * mesh.fsdp` dividing the step's "
+          "rows; with `pack_sequences`, packed rows per micro-batch. 0: the whole step at once"),
+    Field("pack_sequences", False, Bool(),
+          "pack several prompt + response sequences into each row (segment ids, no attention across "
+          "them) for teacher scoring and the update, so compute follows the real tokens; rows are "
+          "`data.max_prompt_length + rollout.max_new_tokens` long; needs `micro_batch_size`"),
     *_model_fields("student.", param_dtype="float32"),
     Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
     Field("student.router_aux_loss_coef", 0.0, Real(low=0.0),
@@ -379,7 +395,8 @@ FIELDS: tuple[Field, ...] = (
 )
 
 GROUP_DOCS: Mapping[str, str] = {
-    "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, eval cadence.",
+    "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, micro-batches and "
+    "packing, eval cadence.",
     "student": "The model being trained.",
     "teachers[i]": "Each entry of `teachers`, a group built by `teacher_config(**overrides)`. On the command "
     "line: `'--config.teachers[0].path=...'` (quoted: `[0]` is a glob pattern to the shell). A teacher is "
@@ -493,6 +510,30 @@ def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _micro_batches_divide_the_step(values: Mapping[str, Any]) -> str | None:
+    size = values["micro_batch_size"]
+    rows = values["data.prompts_per_step"] * values["rollout.samples_per_prompt"]
+    if size and rows % size:
+        return (f"{size} does not divide the step's data.prompts_per_step * rollout.samples_per_prompt "
+                f"= {rows} rows")
+    return None
+
+
+def _packing_needs_micro_batches(values: Mapping[str, Any]) -> str | None:
+    if values["pack_sequences"] and not values["micro_batch_size"]:
+        return ("pack_sequences runs the packed rows micro-batch by micro-batch: set micro_batch_size "
+                "(packed rows per micro-batch), e.g. the number of batch shards")
+    return None
+
+
+def _packing_without_router_losses(values: Mapping[str, Any]) -> str | None:
+    if values["pack_sequences"] and (values["student.router_aux_loss_coef"] or values["student.router_z_loss_coef"]):
+        return ("a mixture-of-experts student's router losses are computed per forward over whole rows, not yet "
+                "over packed rows: set pack_sequences=False (micro_batch_size alone works) or the router loss "
+                "coefficients to 0")
+    return None
+
+
 def _no_lora_dropout(values: Mapping[str, Any]) -> str | None:
     if values["lora.dropout"] != 0.0:
         return (f"must be 0, got {values['lora.dropout']}: the OPD loss scores every sampled token under the student "
@@ -511,6 +552,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
               "student's prompt ids", _heldout_kl_has_one_teacher),
     CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
     CrossRule("lora.dropout", "`lora.dropout` is 0 (LoRA dropout is refused for on-policy log-probs)", _no_lora_dropout),
+    CrossRule("micro_batch_size", "`micro_batch_size` divides `data.prompts_per_step * rollout.samples_per_prompt`"
+              " (and, checked with the mesh, is a multiple of `mesh.data * mesh.fsdp`)",
+              _micro_batches_divide_the_step),
+    CrossRule("pack_sequences", "`pack_sequences` needs `micro_batch_size > 0`", _packing_needs_micro_batches),
+    CrossRule("pack_sequences", "`pack_sequences` with a student's router losses (`student.router_aux_loss_coef`, "
+              "`student.router_z_loss_coef`) is refused", _packing_without_router_losses),
 )
 
 

@@ -139,6 +139,41 @@ def aggregate_token_losses(
     return jnp.sum(seq_sums) / num_seqs
 
 
+def aggregation_weights(
+    mask: jax.Array, aggregation: Aggregation = "seq-mean-token-mean"
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token weights and one normaliser with ``aggregate_token_losses(l, mask, aggregation)
+    == sum(weights * l) / normaliser`` (up to float reassociation).
+
+    With ``n_i`` the valid tokens of row ``i`` and ``N`` the rows with ``n_i > 0``:
+
+    * ``token-mean``:          ``weights = m``,           ``normaliser = max(sum m, 1)``
+    * ``seq-mean-token-mean``: ``weights = m / max(n_i, 1)``, ``normaliser = max(N, 1)``
+    * ``seq-mean-token-sum``:  ``weights = m``,           ``normaliser = max(N, 1)``
+
+    A token's weight depends on its own row only and the normaliser on the whole mask, so a loss
+    split into micro-batches (or packed rows) is exact: each part contributes
+    ``sum(weights * l)`` of its own tokens, and the step divides once by the step's normaliser.
+
+    Args:
+      mask: ``[batch, seq]`` bool or 0/1 of the whole step.
+      aggregation: one of ``AGGREGATIONS``.
+
+    Returns:
+      ``(weights [batch, seq] float32, normaliser)`` (a float32 scalar), both without gradient.
+    """
+    _check_aggregation(aggregation)
+    _check_rank("mask", mask, 2, "[batch, seq]")
+    valid = mask.astype(bool).astype(jnp.float32)
+    if aggregation == "token-mean":
+        return valid, jnp.maximum(jnp.sum(valid), 1.0)
+    tokens_per_seq = jnp.sum(valid, axis=-1, keepdims=True)
+    normaliser = jnp.maximum(jnp.sum((tokens_per_seq > 0).astype(jnp.float32)), 1.0)
+    if aggregation == "seq-mean-token-mean":
+        return valid / jnp.maximum(tokens_per_seq, 1.0), normaliser
+    return valid, normaliser
+
+
 # ---------------------------------------------------------------------------------------------
 # The authors' sampled-token OPD loss
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +251,11 @@ def sampled_token_opd_loss(
     unbiased estimate of the sequence-level gradient (with ``aggregation='seq-mean-token-sum'``
     and unit importance weights).
 
+    The loss is ``aggregate_token_losses`` of the per-token losses of
+    :func:`sampled_token_opd_token_terms`, and the metrics are
+    :func:`sampled_token_opd_metrics` of its per-token statistics (the split the trainer uses to
+    accumulate micro-batches exactly).
+
     Args:
       student_logprobs: ``[batch, seq]`` log pi_student of the sampled tokens; the only input that
         is differentiated.
@@ -245,6 +285,44 @@ def sampled_token_opd_loss(
       of the per-token reverse KL), ``advantage_mean``, ``advantage_std``, ``is_weight_mean``,
       ``is_weight_max``, ``num_tokens``; plus ``clip_fraction`` when ``clip_eps`` is set.
     """
+    _check_aggregation(aggregation)
+    token_losses, token_stats = sampled_token_opd_token_terms(
+        student_logprobs, teacher_logprobs, mask, base_logprobs=base_logprobs,
+        reward_scale=reward_scale, behaviour_logprobs=behaviour_logprobs,
+        is_threshold=is_threshold, old_logprobs=old_logprobs, clip_eps=clip_eps,
+        dual_clip_ratio=dual_clip_ratio, discount=discount)
+    loss = aggregate_token_losses(token_losses, mask, aggregation)
+    return loss, sampled_token_opd_metrics(token_stats, mask)
+
+
+def sampled_token_opd_token_terms(
+    student_logprobs: jax.Array,
+    teacher_logprobs: jax.Array,
+    mask: jax.Array,
+    *,
+    base_logprobs: jax.Array | None = None,
+    reward_scale: float = 1.0,
+    behaviour_logprobs: jax.Array | None = None,
+    is_threshold: float | None = 5.0,
+    old_logprobs: jax.Array | None = None,
+    clip_eps: float | None = None,
+    dual_clip_ratio: float | None = None,
+    discount: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`sampled_token_opd_loss` before aggregation: per-token losses and statistics.
+
+    Same arguments as :func:`sampled_token_opd_loss` but no aggregation. Every value is a
+    function of its own token's inputs (with ``discount = 0``; reward-to-go reads the tokens
+    after it in the row), so the terms of rows split over micro-batches or packed rows are the
+    terms of the whole batch.
+
+    Returns:
+      ``(token_losses, token_stats)``: ``[batch, seq]`` float32 per-token losses (0 where the
+      mask is False; differentiable in ``student_logprobs``) and a dict of ``[batch, seq]``
+      float32 per-token values without gradient that :func:`sampled_token_opd_metrics` reduces:
+      ``sampled_reverse_kl`` (``sg(s) - T``), ``advantage``, ``is_weight`` and, with
+      ``clip_eps``, ``clipped`` (0/1).
+    """
     _check_rank("student_logprobs", student_logprobs, 2, "[batch, seq]")
     _check_same_shape("teacher_logprobs", teacher_logprobs, "student_logprobs", student_logprobs)
     _check_same_shape("mask", mask, "student_logprobs", student_logprobs)
@@ -256,7 +334,6 @@ def sampled_token_opd_loss(
     for name, value in optional.items():
         if value is not None:
             _check_same_shape(name, value, "student_logprobs", student_logprobs)
-    _check_aggregation(aggregation)
     if base_logprobs is None and not (
         isinstance(reward_scale, (int, float)) and float(reward_scale) == 1.0
     ):
@@ -320,7 +397,7 @@ def sampled_token_opd_loss(
     # rho == 1 in value; its gradient is grad s (the REINFORCE score function).
     ratio = jnp.exp(jnp.clip(student - proximal, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     unclipped = -advantages * ratio
-    metrics: dict[str, jax.Array] = {}
+    token_stats: dict[str, jax.Array] = {}
     if clip_eps is None:
         surrogate = unclipped
     else:
@@ -333,21 +410,36 @@ def sampled_token_opd_loss(
                 advantages < 0, jnp.minimum(surrogate, dual_bound), surrogate
             )
             is_clipped = is_clipped | ((advantages < 0) & (surrogate == dual_bound))
-        metrics["clip_fraction"] = _masked_mean(is_clipped.astype(jnp.float32), valid)
-    token_losses = is_weights * surrogate
-    loss = aggregate_token_losses(token_losses, valid, aggregation)
+        token_stats["clipped"] = is_clipped.astype(jnp.float32)
+    token_losses = jnp.where(valid, is_weights * surrogate, 0.0)
+    token_stats.update(
+        sampled_reverse_kl=lax.stop_gradient(student) - teacher,
+        advantage=advantages,
+        is_weight=is_weights,
+    )
+    return token_losses, {k: lax.stop_gradient(jnp.where(valid, v, 0.0)) for k, v in token_stats.items()}
 
+
+def sampled_token_opd_metrics(token_stats: dict[str, jax.Array], mask: jax.Array) -> dict[str, jax.Array]:
+    """The metrics of :func:`sampled_token_opd_loss` from the per-token statistics of
+    :func:`sampled_token_opd_token_terms` over ``mask`` (``[batch, seq]`` each): float32 scalars
+    ``sampled_reverse_kl``, ``advantage_mean``, ``advantage_std`` (two-pass), ``is_weight_mean``,
+    ``is_weight_max``, ``num_tokens`` and, when present, ``clip_fraction``."""
+    valid = mask.astype(bool)
+    advantages, is_weights = token_stats["advantage"], token_stats["is_weight"]
     adv_mean = _masked_mean(advantages, valid)
     adv_var = _masked_mean(jnp.square(advantages - adv_mean), valid)
-    metrics.update(
-        sampled_reverse_kl=_masked_mean(lax.stop_gradient(student) - teacher, valid),
+    metrics = dict(
+        sampled_reverse_kl=_masked_mean(token_stats["sampled_reverse_kl"], valid),
         advantage_mean=adv_mean,
         advantage_std=jnp.sqrt(adv_var),
         is_weight_mean=_masked_mean(is_weights, valid),
         is_weight_max=jnp.max(jnp.where(valid, is_weights, -jnp.inf), initial=0.0),
         num_tokens=jnp.sum(valid.astype(jnp.float32)),
     )
-    return loss, {k: lax.stop_gradient(v) for k, v in metrics.items()}
+    if "clipped" in token_stats:
+        metrics["clip_fraction"] = _masked_mean(token_stats["clipped"], valid)
+    return {k: lax.stop_gradient(v) for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -903,7 +995,10 @@ __all__ = [
     "AGGREGATIONS",
     "Aggregation",
     "aggregate_token_losses",
+    "aggregation_weights",
     "sampled_token_opd_loss",
+    "sampled_token_opd_token_terms",
+    "sampled_token_opd_metrics",
     "token_logprobs",
     "token_reverse_kl",
     "token_topk_reverse_kl",

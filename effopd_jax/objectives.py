@@ -1,13 +1,24 @@
 """The loss seam: OPD objectives by name, and the response forward passes they share.
 
 An OPD objective turns the student's final hidden states at the response positions (and its
-output head) plus the step's :class:`OPDBatch` into ``(loss, metrics)``. Each is registered
+output head) plus the step's :class:`OPDBatch` into :class:`ObjectiveTerms`: a loss per response
+token and the per-token statistics its metrics reduce. The step aggregates: each token carries a
+weight that depends on its own row, and the step divides once by a normaliser of the whole
+step's mask (``losses.aggregation_weights``: tokens for ``token-mean``, non-empty sequences for
+the ``seq-mean-*`` aggregations), so a micro-batch (or a packed row) reports the sum
+``sum(weight * token_loss)`` of its own tokens and the step's loss is
+``sum over micro-batches / normaliser``, exactly the unsplit value. The metrics are the
+registered ``metrics`` of the whole step's per-token statistics. Each objective is registered
 under the name ``config.loss.name`` selects, together with what it needs from the teacher:
 
   name               teacher provides       math (effopd_jax/losses.py)
   sampled_token      token log-probs        sampled_token_opd_loss (the authors' loss)
   full_reverse_kl    hidden states + head   chunked_reverse_kl (exact, full vocabulary)
   topk_reverse_kl    hidden states + head   chunked_reverse_kl(topk=k) (top-k + tail buckets)
+
+An objective must be per-token (a token's loss and statistics read only its own position of
+the batch and of the hidden states): that is what lets the step split rows into micro-batches and
+pack several sequences into one row without changing a number.
 
 Everything here is pure and jit-able; the trainer closes over the static settings. How to add
 a loss: docs/architecture.md#how-to-add.
@@ -82,7 +93,32 @@ class LossSettings:
     topk: int = 64
 
 
-Objective = Callable[[jax.Array, jax.Array, OPDBatch, LossSettings], tuple[jax.Array, dict[str, jax.Array]]]
+class ObjectiveTerms(NamedTuple):
+    """What an objective reports for the response tokens of a batch (``[rows, T]`` each).
+
+    Attributes:
+      token_losses: float32 loss per token, 0 where ``response_mask`` is False; differentiable
+        in the student's hidden states and head.
+      token_stats: float32 per-token values without gradient (0 where the mask is False) that
+        the loss's ``metrics`` reduce over the whole step.
+    """
+
+    token_losses: jax.Array
+    token_stats: dict[str, jax.Array]
+
+
+Objective = Callable[[jax.Array, jax.Array, OPDBatch, LossSettings], ObjectiveTerms]
+Metrics = Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
+
+def token_means(token_stats: dict[str, jax.Array], mask: jax.Array) -> dict[str, jax.Array]:
+    """The default metrics: every per-token statistic's mean over the valid tokens, and
+    ``num_tokens``."""
+    valid = mask.astype(bool)
+    num_tokens = jnp.sum(valid.astype(jnp.float32))
+    means = {name: jnp.sum(jnp.where(valid, value, 0.0)) / jnp.maximum(num_tokens, 1.0)
+             for name, value in token_stats.items()}
+    return means | {"num_tokens": num_tokens}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +130,15 @@ class OPDLoss:
       teacher_output: what the teacher must put into the batch: ``"token_logprobs"``
         (``teacher_logprobs``) or ``"hidden_states"`` (``teacher_hidden`` and ``teacher_head``).
       objective: ``(student_hidden [rows, T, H], student_head [H, V], batch, settings) ->
-        (loss, metrics)``; differentiable in the student's hidden states and head.
+        ObjectiveTerms``; per-token (see the module docstring).
+      metrics: ``(token_stats, response_mask) -> {name: float32 scalar}`` over the whole step
+        (default: :func:`token_means`).
     """
 
     name: str
     teacher_output: TeacherOutput
     objective: Objective
+    metrics: Metrics = token_means
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +179,14 @@ def response_hidden_states_with_aux(config: ModelConfig, params: PyTree, prompt_
     return jax.lax.dynamic_slice_in_dim(hidden, prompt_len - 1, new_tokens, axis=1), aux
 
 
+def packed_hidden_states(config: ModelConfig, params: PyTree, input_ids: jax.Array,
+                         positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Final hidden states of packed rows (``effopd_jax.batching``): ``[rows, length, hidden]``,
+    the state at each position predicting the next token of its segment. Segment 0 is padding."""
+    return models.forward(config, params, input_ids, positions=positions, segment_ids=segment_ids,
+                          attention_mask=segment_ids != 0, return_hidden_states=True)
+
+
 def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array,
                       prompt_mask: jax.Array, response_ids: jax.Array, response_mask: jax.Array,
                       *, temperature: float, chunk_size: int) -> jax.Array:
@@ -156,50 +203,56 @@ def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array
 
 
 # Metrics of the sampled-token objective when the batch says which routed teacher scored each row
-# (``batch.teacher_rows``): per teacher, sums (not means), so that micro-batches can be added up.
+# (``batch.teacher_rows``): per teacher, sums (not means) over the whole step's tokens.
 TEACHER_REVERSE_KL_SUM = "teacher_reverse_kl_sum"
 TEACHER_NUM_TOKENS = "teacher_num_tokens"
 
 
-def per_teacher_reverse_kl_sums(student_logprobs: jax.Array, teacher_logprobs: jax.Array, mask: jax.Array,
+def per_teacher_reverse_kl_sums(token_reverse_kl: jax.Array, mask: jax.Array,
                                 teacher_rows: jax.Array) -> dict[str, jax.Array]:
-    """Per routed teacher j: the sum over its rows' valid tokens of ``sg(s) - T`` and their count,
-    two ``[teachers]`` float32 (``reverse_kl/<name>`` is their ratio). ``teacher_rows``
-    ``[rows, teachers]`` bool; the other arrays ``[rows, T]``."""
-    kl = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(student_logprobs) - teacher_logprobs, 0.0), axis=1)
+    """Per routed teacher j: the sum over its rows' valid tokens of the per-token reverse KL
+    ``sg(s) - T`` and their count, two ``[teachers]`` float32 (``reverse_kl/<name>`` is their
+    ratio). ``teacher_rows`` ``[rows, teachers]`` bool; the other arrays ``[rows, T]``."""
+    kl = jnp.sum(jnp.where(mask, token_reverse_kl, 0.0), axis=1)
     tokens = jnp.sum(mask, axis=1).astype(jnp.float32)
     rows = teacher_rows.astype(jnp.float32)
     return {TEACHER_REVERSE_KL_SUM: jnp.sum(kl[:, None] * rows, axis=0),
             TEACHER_NUM_TOKENS: jnp.sum(tokens[:, None] * rows, axis=0)}
 
 
-def _sampled_token(student_hidden, student_head, batch: OPDBatch, settings: LossSettings):
+def step_metrics(loss: "OPDLoss", token_stats: dict[str, jax.Array], batch: OPDBatch) -> dict[str, jax.Array]:
+    """The metrics of a whole step from its per-token statistics ``[rows, T]``: the loss's
+    ``metrics``, plus the per-teacher reverse-KL sums when the rows were routed to several
+    teachers (``batch.teacher_rows``) and the objective reports ``sampled_reverse_kl``."""
+    metrics = loss.metrics(token_stats, batch.response_mask)
+    if batch.teacher_rows is not None and "sampled_reverse_kl" in token_stats:
+        metrics = {**metrics, **per_teacher_reverse_kl_sums(token_stats["sampled_reverse_kl"],
+                                                            batch.response_mask.astype(bool), batch.teacher_rows)}
+    return metrics
+
+
+def _sampled_token(student_hidden, student_head, batch: OPDBatch, settings: LossSettings) -> ObjectiveTerms:
     student_logprobs = losses.chunked_token_logprobs(
         student_hidden, student_head, batch.response_ids, chunk_size=settings.chunk_size,
         temperature=settings.temperature)
-    loss, metrics = losses.sampled_token_opd_loss(
+    return ObjectiveTerms(*losses.sampled_token_opd_token_terms(
         student_logprobs, batch.teacher_logprobs, batch.response_mask,
         base_logprobs=batch.base_logprobs, reward_scale=settings.reward_scale,
-        behaviour_logprobs=batch.behaviour_logprobs, is_threshold=settings.is_threshold,
-        aggregation=settings.aggregation)
-    if batch.teacher_rows is not None:
-        metrics = {**metrics, **per_teacher_reverse_kl_sums(student_logprobs, batch.teacher_logprobs,
-                                                            batch.response_mask, batch.teacher_rows)}
-    return loss, metrics
+        behaviour_logprobs=batch.behaviour_logprobs, is_threshold=settings.is_threshold))
 
 
 def _reverse_kl(topk: bool) -> Objective:
-    def objective(student_hidden, student_head, batch: OPDBatch, settings: LossSettings):
-        mask = batch.response_mask
+    def objective(student_hidden, student_head, batch: OPDBatch, settings: LossSettings) -> ObjectiveTerms:
+        mask = batch.response_mask.astype(bool)
         per_token_kl = losses.chunked_reverse_kl(
             student_hidden, student_head, batch.teacher_hidden, batch.teacher_head,
             chunk_size=settings.chunk_size, topk=settings.topk if topk else None)
-        loss = losses.aggregate_token_losses(per_token_kl, mask, settings.aggregation)
-        num_tokens = jnp.maximum(mask.sum(), 1)
-        return loss, {"reverse_kl": jnp.sum(jnp.where(mask, per_token_kl, 0.0)) / num_tokens,
-                      "num_tokens": mask.sum()}
+        per_token_kl = jnp.where(mask, per_token_kl, 0.0)
+        return ObjectiveTerms(per_token_kl, {"reverse_kl": jax.lax.stop_gradient(per_token_kl)})
 
     return objective
+
+
 
 
 _LOSSES: dict[str, OPDLoss] = {}
@@ -227,23 +280,42 @@ def get_loss(name: str) -> OPDLoss:
     return _LOSSES[name]
 
 
-register_loss(OPDLoss("sampled_token", "token_logprobs", _sampled_token))
+register_loss(OPDLoss("sampled_token", "token_logprobs", _sampled_token, losses.sampled_token_opd_metrics))
 register_loss(OPDLoss("full_reverse_kl", "hidden_states", _reverse_kl(topk=False)))
 register_loss(OPDLoss("topk_reverse_kl", "hidden_states", _reverse_kl(topk=True)))
 
 
+def objective_terms_and_aux(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
+                            settings: LossSettings) -> tuple[ObjectiveTerms, models.AuxOutput]:
+    """The per-token terms of ``loss`` for the student ``params`` (the full model params) on the
+    rows of ``batch`` (one forward over prompt + response), and the model's own training losses
+    from the same forward (``models.forward_with_aux``: a mixture of experts' router losses; zero
+    and no metrics for a dense model)."""
+    hidden, aux = response_hidden_states_with_aux(config, params, batch.prompt_ids, batch.prompt_mask,
+                                                  batch.response_ids, batch.response_mask)
+    return loss.objective(hidden, models.lm_head_weight(config, params), batch, settings), aux
+
+
+def objective_terms(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
+                    settings: LossSettings) -> ObjectiveTerms:
+    """:func:`objective_terms_and_aux` without the model's own losses."""
+    return objective_terms_and_aux(params, batch, config=config, loss=loss, settings=settings)[0]
+
+
 def opd_loss(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
              settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The objective ``loss`` of the student ``params`` (the full model params) on one batch.
+    """The objective ``loss`` of the student ``params`` on one whole batch: ``(loss, metrics)``,
+    the per-token losses aggregated by ``settings.aggregation`` (the unsplit reference of the
+    trainer's micro-batched update).
 
     A model with training losses of its own (a mixture of experts' router load-balancing and
-    z-losses, ``models.forward_with_aux``) adds them, already weighted, to the objective and
-    reports them: ``aux_loss`` (what was added) and the unweighted terms (e.g.
-    ``moe/load_balancing_loss``). A dense model's value and metrics are the objective's alone.
+    z-losses) adds them, already weighted, to the objective and reports them: ``aux_loss`` (what
+    was added) and the unweighted terms (e.g. ``moe/load_balancing_loss``).
     """
-    hidden, aux = response_hidden_states_with_aux(config, params, batch.prompt_ids, batch.prompt_mask,
-                                                   batch.response_ids, batch.response_mask)
-    value, metrics = loss.objective(hidden, models.lm_head_weight(config, params), batch, settings)
+    terms, aux = objective_terms_and_aux(params, batch, config=config, loss=loss, settings=settings)
+    weights, normaliser = losses.aggregation_weights(batch.response_mask, settings.aggregation)
+    value = jnp.sum(weights * terms.token_losses) / normaliser
+    metrics = step_metrics(loss, terms.token_stats, batch)
     if aux.metrics:  # static: the family reports router losses
         value = value + aux.loss
         metrics = {**metrics, **aux.metrics, "aux_loss": aux.loss}

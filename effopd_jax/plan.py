@@ -69,7 +69,7 @@ from jax.sharding import PartitionSpec as P
 
 from effopd_jax import config as config_lib
 from effopd_jax import effopd as effopd_lib
-from effopd_jax import models, objectives, published_configs, sampling, teachers
+from effopd_jax import batching, models, objectives, published_configs, sampling, teachers
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models import ModelConfig
 from effopd_jax.objectives import LossSettings, OPDBatch, OPDLoss
@@ -278,7 +278,8 @@ def model_config(spec: ml_collections.ConfigDict, field: str, *, remat: str = "n
             f"(a checkpoint directory or config.json; or one of {', '.join(published_configs.names())})")
     try:
         config = models.config_from_hf(source, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
-                                       scan_layers=bool(spec.scan_layers), remat=remat)
+                                       scan_layers=bool(spec.scan_layers), remat=remat,
+                                       attention_impl=spec.get("attention", "auto"))
     except ValueError as e:
         raise ValueError(f"config.{field}: {e}") from None
     # A MoE student's router losses are part of its update program, as in the trainer.
@@ -305,6 +306,7 @@ class AbstractStep:
       state: the ``TrainState``; frozen_params: the frozen part of the student.
       teacher_params, reference_params: the frozen models (``reference_params`` None without pi_B).
       rollout: one step's ``Rollout``; batch: the scored ``OPDBatch`` the update reads.
+      packing: the step's abstract ``batching.PackingPlan`` (``config.pack_sequences``), else None.
     """
 
     config: ml_collections.ConfigDict
@@ -326,6 +328,7 @@ class AbstractStep:
     reference_params: PyTree | None
     rollout: Rollout
     batch: OPDBatch
+    packing: batching.PackingPlan | None = None
 
     @property
     def replicated(self) -> NamedSharding:
@@ -428,12 +431,19 @@ def abstract_step(config: ml_collections.ConfigDict, mesh: Mesh, *, num_processe
     loss_settings = LossSettings(
         aggregation=config.loss.aggregation, chunk_size=config.loss.chunk_size, temperature=temperature,
         reward_scale=config.loss.reward_scale, is_threshold=config.loss.is_threshold, topk=config.loss.topk)
+    packing = None
+    if config.pack_sequences:
+        shards = int(np.prod([mesh.shape[axis] for axis in sharding_lib.BATCH_AXES]))
+        packing = batching.abstract_packing_plan(rows, prompt_length, response_length, config.micro_batch_size,
+                                                 shards, sharding=sharding_lib.batch_sharding(mesh, 4))
+        packing = packing._replace(num_micro_batches=_array((), jnp.int32, replicated))
     return AbstractStep(
         config=config, mesh=mesh, student=student, teacher=teacher, reference=student if with_reference else None,
         rows=rows, prompt_length=prompt_length, response_length=response_length, loss=loss,
         loss_settings=loss_settings, parameterization=parameterization, optimizer=optimizer,
         sampling=sampling_settings(config, student), state=state, frozen_params=frozen,
-        teacher_params=teacher_params, reference_params=reference_params, rollout=rollout, batch=batch)
+        teacher_params=teacher_params, reference_params=reference_params, rollout=rollout, batch=batch,
+        packing=packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,26 +582,41 @@ def _rollout_program(step: AbstractStep) -> dict[str, Program]:
 
 def _scoring_programs(step: AbstractStep) -> dict[str, Program]:
     """The teacher's scoring of the rollout (``Teacher.score``), and G-OPD's pi_B
-    (``Teacher.score_reference``) when ``loss.reward_scale != 1``."""
+    (``Teacher.score_reference``) when ``loss.reward_scale != 1``: ``micro_batch_size`` rows at a
+    time, or on the packed rows of the step's plan (``pack_sequences``), as the trainer runs them."""
     chunk_size, temperature = step.config.loss.chunk_size, step.loss_settings.temperature
-    if step.loss.teacher_output == "token_logprobs":
-        score = jax.jit(functools.partial(teachers.score_token_logprobs, step.teacher, temperature=temperature,
-                                          chunk_size=chunk_size))
+    micro_batch_size = step.config.micro_batch_size
+    if micro_batch_size >= step.rows:
+        micro_batch_size = 0  # Teacher.score runs a forward of at most one micro-batch unsplit
+    output = step.loss.teacher_output
+
+    def scorer(model: ModelConfig, output: str):
+        if step.packing is not None:
+            return jax.jit(functools.partial(teachers.score_packed, model, output=output, temperature=temperature,
+                                             chunk_size=chunk_size))
+        if output == "token_logprobs":
+            return jax.jit(functools.partial(teachers.score_token_logprobs, model, temperature=temperature,
+                                             chunk_size=chunk_size, micro_batch_size=micro_batch_size))
+        return jax.jit(functools.partial(teachers.score_hidden_states, model, micro_batch_size=micro_batch_size))
+
+    plan_args = () if step.packing is None else (step.packing,)
+    if output == "token_logprobs":
         teacher_output = {"teacher log-probs": step.batch.teacher_logprobs}
     else:
-        score = jax.jit(functools.partial(teachers.score_hidden_states, step.teacher))
         teacher_output = {"teacher hidden states": (step.batch.teacher_hidden, step.batch.teacher_head)}
     resident = {"train state": step.state}
     if step.reference_params is not None:
         resident["reference params"] = step.reference_params
+    layout = (f"packed rows of {step.prompt_length + step.response_length} tokens, "
+              f"{step.config.micro_batch_size} per micro-batch" if step.packing is not None else
+              f"{step.rows} x {step.prompt_length + step.response_length} tokens"
+              + (f", {micro_batch_size} rows per micro-batch" if micro_batch_size else ""))
     programs = {"teacher_scoring": Program(
-        fn=score, args=(step.teacher_params, step.rollout), resident=resident,
-        doc=f"teacher forward over {step.rows} x {step.prompt_length + step.response_length} tokens")}
+        fn=scorer(step.teacher, output), args=(step.teacher_params, step.rollout, *plan_args), resident=resident,
+        doc=f"teacher forward over {layout}")}
     if step.reference is not None:
-        score_reference = jax.jit(functools.partial(teachers.score_token_logprobs, step.reference,
-                                                    temperature=temperature, chunk_size=chunk_size))
         programs["reference_scoring"] = Program(
-            fn=score_reference, args=(step.reference_params, step.rollout),
+            fn=scorer(step.reference, "token_logprobs"), args=(step.reference_params, step.rollout, *plan_args),
             resident={"train state": step.state, "teacher params": step.teacher_params, **teacher_output},
             doc="G-OPD's pi_B forward (the initial student)")
     return programs
@@ -602,13 +627,17 @@ def _update_program(step: AbstractStep) -> dict[str, Program]:
     state_shardings = jax.tree.map(lambda x: x.sharding, step.state)
     update = jax.jit(
         functools.partial(update_step, optimizer=step.optimizer, model_config=step.student,
-                          parameterization=step.parameterization, loss=step.loss, settings=step.loss_settings),
+                          parameterization=step.parameterization, loss=step.loss, settings=step.loss_settings,
+                          micro_batch_size=step.config.micro_batch_size),
         out_shardings=(state_shardings, step.replicated),
         donate_argnums=(0,),
     )
+    micro = step.config.micro_batch_size
+    how = ("packed micro-batches of " if step.packing is not None else "micro-batches of ") + f"{micro} rows" \
+        if micro else "one batch"
     return {"update": Program(
-        fn=update, args=(step.state, step.batch, step.frozen_params), resident=step.frozen_models(),
-        doc=f"loss + gradient + AdamW over {step.rows} rows")}
+        fn=update, args=(step.state, step.batch, step.frozen_params, step.packing), resident=step.frozen_models(),
+        doc=f"loss + gradient + AdamW over {step.rows} rows ({how})")}
 
 
 def _anchor(opt_state: PyTree) -> PyTree:
@@ -692,6 +721,7 @@ class Plan:
     programs: Mapping[str, ProgramMemory]
     docs: Mapping[str, str]
     config_name: str = ""
+    skipped_groups: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -917,7 +947,8 @@ class CompileCache:
 
 
 def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Sequence[jax.Device] | None = None,
-              log: Log = lambda line: print(line, file=sys.stderr, flush=True), config_name: str = "") -> Plan:
+              log: Log = lambda line: print(line, file=sys.stderr, flush=True), config_name: str = "",
+              groups: Sequence[str] | None = None) -> Plan:
     """Compiles every program of one step of ``config`` for ``target`` and measures them.
 
     Args:
@@ -926,12 +957,17 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
       devices: the devices to compile for (default :func:`target_devices`).
       log: progress lines (one per program).
       config_name: how the report names the config.
+      groups: the program groups to plan (:func:`program_groups`: ``rollout``, ``scoring``,
+        ``update``, ...); None: all. A partial plan says which groups it left out.
 
     Raises:
       ValueError: a bad config (naming the field), an unknown engine, a target that cannot be
         compiled for here.
     """
     config_lib.validate_config(config, for_plan=True)
+    unknown = sorted(set(groups or ()) - set(_PROGRAMS))
+    if unknown:
+        raise ValueError(f"--programs: unknown program groups {unknown}; known: {', '.join(_PROGRAMS)}")
     devices = list(target_devices(target) if devices is None else devices)
     mesh = setup.make_mesh(config, devices)
     num_processes = len({d.process_index for d in devices})
@@ -944,7 +980,13 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
     step = abstract_step(config, mesh, num_processes=num_processes, compile_fn=cache)
     results: dict[str, ProgramMemory] = {}
     docs: dict[str, str] = {}
+    skipped = tuple(group for group in _PROGRAMS if groups is not None and group not in groups)
+    if skipped:
+        log(f"plan: only the program groups {', '.join(g for g in _PROGRAMS if g not in skipped)} "
+            f"(left out: {', '.join(skipped)})")
     for group, builder in _PROGRAMS.items():
+        if group in skipped:
+            continue
         for name, program in builder(step).items():
             if name in results:
                 raise ValueError(f"plan: program {name!r} of group {group!r} is already planned")
@@ -956,7 +998,8 @@ def make_plan(config: ml_collections.ConfigDict, target: Target, *, devices: Seq
                 f"({results[name].compile_seconds:.1f} s)")
     log(f"plan: done in {time.perf_counter() - started:.0f} s")
     return Plan(target=target, mesh_shape=dict(mesh.shape), rows=step.rows, prompt_length=step.prompt_length,
-                response_length=step.response_length, programs=results, docs=docs, config_name=config_name)
+                response_length=step.response_length, programs=results, docs=docs, config_name=config_name,
+                skipped_groups=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,6 +1041,9 @@ def format_report(plan: Plan) -> str:
     for name, p in plan.programs.items():
         lines.append(f"  {name}: {plan.docs.get(name, '')}; largest: {p.largest_buffer}")
     lines.append("")
+    if plan.skipped_groups:
+        lines.append(f"PARTIAL PLAN: the program groups {', '.join(plan.skipped_groups)} were left out (--programs); "
+                     "'fits' speaks for the programs above only")
     if plan.fits:
         lines.append(f"fits: every program's peak is within {_gib(usable)} GiB per device "
                      f"(largest: {plan.largest}, {_gib(plan.programs[plan.largest].peak_bytes)} GiB)")
@@ -1034,6 +1080,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "fits": plan.fits,
         "largest": plan.largest,
         "too_large": plan.too_large(),
+        **({"skipped_groups": list(plan.skipped_groups)} if plan.skipped_groups else {}),
     }
 
 
@@ -1088,7 +1135,9 @@ def main(argv: Sequence[str]) -> None:
     if target.platform == "gpu" and os.environ.get(_ESTIMATE_CHILD_ENV) != str(target.num_devices):
         raise SystemExit(_run_estimate_in_subprocess(target.num_devices))
     try:
-        plan = make_plan(config, target, config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+        groups = [g.strip() for g in flags.FLAGS.programs.split(",") if g.strip()] if flags.FLAGS.programs else None
+        plan = make_plan(config, target, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+                         groups=groups)
     except ValueError as e:
         print(f"effopd_jax.plan: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -1104,6 +1153,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("memory_fraction", None,
                        "part of each device's memory a run may use; default 1.0 on TPU, 0.75 on GPU (JAX's default "
                        "XLA_PYTHON_CLIENT_MEM_FRACTION: pass the value you run with)")
+    flags.DEFINE_string("programs", "",
+                        "comma-separated program groups to plan (optimizer_init, rollout, scoring, update, effopd, "
+                        "eval); default: all. A partial plan says so in its report and JSON (skipped_groups)")
     flags.mark_flags_as_required(["config", "topology"])
 
 

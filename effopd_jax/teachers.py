@@ -39,6 +39,21 @@ row and what prompt each teacher sees:
   (:meth:`TeacherSet.score`'s ``student_params``) and released afterwards, so it holds no
   parameter memory of its own.
 
+**Micro-batches and packed rows** (``config.micro_batch_size``, ``config.pack_sequences``). A
+teacher scores one micro-batch of rows at a time when ``micro_batch_size`` is set (``lax.map``
+inside the one jitted program, so memory holds one micro-batch's forward); a routed teacher's
+sub-batches are then ``micro_batch_size`` rows by default. When the step has a packing plan
+(``score(rollout, batch, plan=...)``; see ``effopd_jax.batching``), a teacher that scores every
+row on the student's prompt ids runs on the packed rows: a ``while`` loop over the packed
+micro-batches in use, each output scattered back to the response token it scores, so the result
+is laid out ``[rows, max_new_tokens]`` either way. A teacher with its own prompts, or one that
+scores only its routed rows, scores them padded (micro-batched): the plan packs the student's
+sequences, not theirs.
+
+The scoring functions are pure: ``jax.jit(functools.partial(score_token_logprobs, config, ...))``
+lowers with ``jax.ShapeDtypeStruct`` params and rollouts (and a ``batching.abstract_packing_plan``
+for the packed form), which is how ahead-of-time plans compile them.
+
 How to add a teacher: docs/architecture.md#how-to-add.
 """
 
@@ -58,9 +73,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effopd_jax import data, models, objectives
+from effopd_jax import batching, data, losses, models, objectives
 from effopd_jax.config import DEFAULT_CONTEXT_TEMPLATE  # noqa: F401  (re-exported: teachers.DEFAULT_CONTEXT_TEMPLATE)
 from effopd_jax import sharding as sharding_lib
+from effopd_jax.batching import PackingPlan
 from effopd_jax.models import ModelConfig
 from effopd_jax.objectives import OPDBatch, TeacherOutput
 from effopd_jax.rollout import Rollout
@@ -73,26 +89,55 @@ _PLACEHOLDER = re.compile(r"\{(problem|solution)\}")
 
 
 def score_token_logprobs(config: ModelConfig, params: PyTree, rollout: Rollout, *,
-                         temperature: float, chunk_size: int) -> jax.Array:
-    """A frozen model's log-probs of the sampled tokens: ``[rows, max_new_tokens]`` float32."""
+                         temperature: float, chunk_size: int, micro_batch_size: int = 0) -> jax.Array:
+    """A frozen model's log-probs of the sampled tokens: ``[rows, max_new_tokens]`` float32,
+    ``micro_batch_size`` rows at a time (0: all at once)."""
     params = jax.lax.stop_gradient(params)
-    return objectives.response_logprobs(
-        config, params, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-        rollout.response_mask, temperature=temperature, chunk_size=chunk_size)
+
+    def score(rows: Rollout) -> jax.Array:
+        return objectives.response_logprobs(
+            config, params, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask,
+            temperature=temperature, chunk_size=chunk_size)
+
+    return batching.map_micro_batches(score, rollout, micro_batch_size)
 
 
-def score_hidden_states(config: ModelConfig, params: PyTree, rollout: Rollout) -> jax.Array:
+def score_hidden_states(config: ModelConfig, params: PyTree, rollout: Rollout, *,
+                        micro_batch_size: int = 0) -> jax.Array:
     """A frozen model's final hidden states at the response positions:
-    ``[rows, max_new_tokens, hidden]`` (compute dtype)."""
+    ``[rows, max_new_tokens, hidden]`` (compute dtype), ``micro_batch_size`` rows at a time."""
     params = jax.lax.stop_gradient(params)
-    return objectives.response_hidden_states(
-        config, params, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-        rollout.response_mask)
+
+    def score(rows: Rollout) -> jax.Array:
+        return objectives.response_hidden_states(
+            config, params, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask)
+
+    return batching.map_micro_batches(score, rollout, micro_batch_size)
 
 
-# ---------------------------------------------------------------------------------------------
-# A teacher's own prompts (host side)
-# ---------------------------------------------------------------------------------------------
+def score_packed(config: ModelConfig, params: PyTree, rollout: Rollout, plan: PackingPlan, *,
+                 output: TeacherOutput, temperature: float = 1.0, chunk_size: int = 512) -> jax.Array:
+    """:func:`score_token_logprobs` (``output="token_logprobs"``) or :func:`score_hidden_states`
+    (``"hidden_states"``) on the packed rows of ``plan``; the same ``[rows, max_new_tokens(,
+    hidden)]`` layout, 0 where ``response_mask`` is False."""
+    params = jax.lax.stop_gradient(params)
+    rows, new_tokens = rollout.response_ids.shape
+    if output == "token_logprobs":
+        init = jnp.zeros((rows, new_tokens), jnp.float32)
+    else:
+        init = jnp.zeros((rows, new_tokens, config.hidden_size), config.dtype)
+
+    def one(index, scores):
+        packed = batching.packed_rows(rollout.prompt_ids, rollout.response_ids, plan, index, {})
+        hidden = objectives.packed_hidden_states(config, params, packed.input_ids, packed.positions,
+                                                 packed.segment_ids)
+        if output == "token_logprobs":
+            hidden = losses.chunked_token_logprobs(hidden, models.lm_head_weight(config, params),
+                                                   packed.target_ids, chunk_size=chunk_size,
+                                                   temperature=temperature)
+        return batching.scatter_targets(scores, hidden, plan, index)
+
+    return batching.loop_packed(plan, one, init)
 
 
 def fill_context(template: str, *, problem: str, solution: str | None) -> str:
@@ -221,6 +266,8 @@ class Teacher:
       data_sources: the routing tags of its rows (``routing="data_source"``).
       weight: its mixture weight (``routing="mixture"``).
       rows_per_forward: rows of one forward when it scores part of a step (0: the set's default).
+      micro_batch_size: rows per scoring micro-batch (0: all rows of a forward at once); with a
+        packing plan, packed rows per micro-batch (the plan's).
     """
 
     name: str
@@ -234,14 +281,26 @@ class Teacher:
     data_sources: tuple[str, ...] = ()
     weight: float = 1.0
     rows_per_forward: int = 0
+    micro_batch_size: int = 0
 
     def __post_init__(self):
         if self.output not in ("token_logprobs", "hidden_states"):
             raise ValueError(f"Teacher.output must be 'token_logprobs' or 'hidden_states', got {self.output!r}")
         # Compiled once per teacher; params are arguments, so nothing recompiles between steps.
         self._token_logprobs = jax.jit(functools.partial(
-            score_token_logprobs, self.config, temperature=self.temperature, chunk_size=self.chunk_size))
-        self._hidden_states = jax.jit(functools.partial(score_hidden_states, self.config))
+            score_token_logprobs, self.config, temperature=self.temperature, chunk_size=self.chunk_size,
+            micro_batch_size=self.micro_batch_size))
+        self._hidden_states = jax.jit(functools.partial(
+            score_hidden_states, self.config, micro_batch_size=self.micro_batch_size))
+        # A forward of at most micro_batch_size rows (a routed sub-batch) runs unsplit.
+        self._whole = {
+            "token_logprobs": jax.jit(functools.partial(
+                score_token_logprobs, self.config, temperature=self.temperature, chunk_size=self.chunk_size)),
+            "hidden_states": jax.jit(functools.partial(score_hidden_states, self.config))}
+        self._packed = {
+            output: jax.jit(functools.partial(score_packed, self.config, output=output,
+                                              temperature=self.temperature, chunk_size=self.chunk_size))
+            for output in ("token_logprobs", "hidden_states")}
         self.use_params(self.params)
 
     def use_params(self, params: PyTree | None) -> None:
@@ -251,15 +310,25 @@ class Teacher:
         wants_head = self.output == "hidden_states" and params is not None
         self.head = models.lm_head_weight(self.config, params) if wants_head else None
 
-    def score(self, rollout: Rollout, batch: OPDBatch) -> OPDBatch:
-        """``batch`` with this teacher's view of ``rollout`` filled in (see the module docstring)."""
+    def score(self, rollout: Rollout, batch: OPDBatch, plan: PackingPlan | None = None) -> OPDBatch:
+        """``batch`` with this teacher's view of ``rollout`` filled in (see the module docstring);
+        on the packed rows of ``plan`` when given."""
         if self.output == "token_logprobs":
-            return batch._replace(teacher_logprobs=self._token_logprobs(self.params, rollout))
-        return batch._replace(teacher_hidden=self._hidden_states(self.params, rollout), teacher_head=self.head)
+            return batch._replace(teacher_logprobs=self._scores("token_logprobs", rollout, plan))
+        return batch._replace(teacher_hidden=self._scores("hidden_states", rollout, plan), teacher_head=self.head)
 
-    def score_reference(self, rollout: Rollout, batch: OPDBatch) -> OPDBatch:
+    def score_reference(self, rollout: Rollout, batch: OPDBatch, plan: PackingPlan | None = None) -> OPDBatch:
         """``batch`` with ``base_logprobs`` filled in: this model as G-OPD's reference pi_B."""
-        return batch._replace(base_logprobs=self._token_logprobs(self.params, rollout))
+        return batch._replace(base_logprobs=self._scores("token_logprobs", rollout, plan))
+
+    def _scores(self, output: TeacherOutput, rollout: Rollout, plan: PackingPlan | None) -> jax.Array:
+        if plan is not None:
+            return self._packed[output](self.params, rollout, plan)
+        if self.micro_batch_size and rollout.response_ids.shape[0] <= self.micro_batch_size:
+            return self._whole[output](self.params, rollout)
+        if output == "token_logprobs":
+            return self._token_logprobs(self.params, rollout)
+        return self._hidden_states(self.params, rollout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +424,10 @@ class TeacherSet:
         self._capacity = {}
         for teacher in self.teachers:
             capacity = teacher.rows_per_forward
+            micro = teacher.micro_batch_size
+            if capacity and micro and capacity > micro and capacity % micro:
+                raise ValueError(f"teacher {teacher.name!r}: rows_per_forward={capacity} is neither at most nor a "
+                                 f"multiple of micro_batch_size={micro} (its forwards run in micro-batches)")
             if capacity and capacity % self.batch_shards:
                 raise ValueError(f"teacher {teacher.name!r}: rows_per_forward={capacity} is not a multiple of the "
                                  f"mesh's batch shards data*fsdp = {self.batch_shards}")
@@ -466,15 +539,18 @@ class TeacherSet:
             self._jitted[name] = jax.jit(fn, **kwargs)
         return self._jitted[name]
 
-    def _score_rows(self, teacher: Teacher, source: Rollout, rows: np.ndarray, into: OPDBatch) -> OPDBatch:
+    def _score_rows(self, teacher: Teacher, source: Rollout, rows: np.ndarray, into: OPDBatch,
+                    plan: PackingPlan | None = None) -> OPDBatch:
         """``into`` with ``teacher``'s output for global ``rows`` of ``source`` written in (its other
-        rows unchanged); every row at once when ``rows`` is all of them, else in sub-batches."""
+        rows unchanged); every row at once when ``rows`` is all of them (on the packed rows of
+        ``plan`` when given), else in sub-batches."""
         total = source.response_ids.shape[0]
         if len(rows) == total:
-            return teacher.score(source, into)
+            # The seam's two-argument call unless there is a plan (subclasses may keep that signature).
+            return teacher.score(source, into) if plan is None else teacher.score(source, into, plan)
         if len(rows) == 0:
             return into
-        capacity = self._capacity[teacher.name] or default_rows_per_forward(
+        capacity = self._capacity[teacher.name] or teacher.micro_batch_size or default_rows_per_forward(
             self.rows_per_step or total, len(self.teachers), self.batch_shards)
         shard = lambda ndim: sharding_lib.batch_sharding(self.mesh, ndim)  # noqa: E731
         take = self._jit("take", lambda tree, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree),
@@ -499,7 +575,8 @@ class TeacherSet:
         return into
 
     def score_with_stats(self, rollout: Rollout, batch: OPDBatch, *, example_ids: np.ndarray | None = None,
-                         student_params: PyTree | None = None) -> tuple[OPDBatch, TeacherStepStats]:
+                         student_params: PyTree | None = None,
+                         plan: PackingPlan | None = None) -> tuple[OPDBatch, TeacherStepStats]:
         """``batch`` with the teachers' view of every scored row, and what the step measured.
 
         Args:
@@ -509,6 +586,8 @@ class TeacherSet:
             (of the examples given to :meth:`prepare`); needed unless one teacher scores the
             student's prompt ids.
           student_params: the student's current params, for a live-student teacher.
+          plan: the step's packing plan (``config.pack_sequences``), or None; used by the
+            teachers that score every row on the student's prompt ids.
 
         Returns:
           ``(batch, stats)``: ``batch.teacher_logprobs`` ``[rows, T]`` holds each row's routed
@@ -535,7 +614,8 @@ class TeacherSet:
                 teacher.use_params(student_params)
             try:
                 target = batch if self.routing != "mixture" else batch._replace(teacher_logprobs=None)
-                target = self._score_rows(teacher, source, rows, target)
+                packing = plan if teacher.prompts is None else None  # the plan packs the student's prompts
+                target = self._score_rows(teacher, source, rows, target, packing)
             finally:
                 if teacher.live:
                     teacher.use_params(None)  # hold no reference to the student's (donated) buffers
@@ -562,9 +642,10 @@ class TeacherSet:
         return batch, TeacherStepStats(routed, skipped, offsets)
 
     def score(self, rollout: Rollout, batch: OPDBatch, *, example_ids: np.ndarray | None = None,
-              student_params: PyTree | None = None) -> OPDBatch:
+              student_params: PyTree | None = None, plan: PackingPlan | None = None) -> OPDBatch:
         """The teacher seam: :meth:`score_with_stats` without the stats."""
-        return self.score_with_stats(rollout, batch, example_ids=example_ids, student_params=student_params)[0]
+        return self.score_with_stats(rollout, batch, example_ids=example_ids, student_params=student_params,
+                                     plan=plan)[0]
 
     def step_metrics(self, stats: TeacherStepStats, update_metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Per-teacher figures of a step: ``reverse_kl/<name>`` (the sampled reverse KL of the

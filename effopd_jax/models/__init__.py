@@ -73,7 +73,8 @@ __all__ = [
 
 def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
             positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-            cache: PyTree | None = None, return_hidden_states: bool = False) -> Any:
+            cache: PyTree | None = None, return_hidden_states: bool = False,
+            segment_ids: jax.Array | None = None) -> Any:
     """The causal LM forward of `config`'s family; pure and jit-able (`config` static).
 
     Args:
@@ -89,6 +90,10 @@ def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
       cache: a cache from `init_cache` (opaque): the call appends this call's tokens to it.
       return_hidden_states: return the final-normed hidden states `[batch, seq, hidden]`
         (compute dtype) instead of logits, so a loss can chunk the vocabulary projection.
+      segment_ids: `[batch, seq]` int, without a cache: packed rows holding several sequences,
+        each a contiguous run of one id; a token attends only within its segment and 0 marks
+        padding. Default positions restart at 0 in every segment. How attention is computed
+        (materialised, blockwise, fused kernels) is the config's `attention_impl`.
 
     Returns:
       logits `[batch, seq, vocab]` float32 (or the hidden states); with a cache, the pair
@@ -96,7 +101,8 @@ def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
     """
     return family_for(config).apply(config, params, input_ids, positions=positions,
                                     attention_mask=attention_mask, cache=cache,
-                                    return_hidden_states=return_hidden_states)
+                                    return_hidden_states=return_hidden_states,
+                                    **({} if segment_ids is None else {"segment_ids": segment_ids}))
 
 
 def forward_with_aux(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,

@@ -253,7 +253,8 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def apply(self, config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
               positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-              cache: PyTree | None = None, return_hidden_states: bool = False) -> Any:
+              cache: PyTree | None = None, return_hidden_states: bool = False,
+              segment_ids: jax.Array | None = None) -> Any:
         """The forward pass; see :func:`effopd_jax.models.forward` for the contract."""
 
     def apply_with_aux(self, config: ModelConfig, params: PyTree, input_ids: jax.Array, *,

@@ -39,8 +39,8 @@ from effopd_jax.models.family import (
     UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    REMAT_POLICIES, REMAT_POLICY_FNS, Linear, RMSNorm, Weight, apply_rope, attention, constrain,
-    rope_cos_sin,
+    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, RMSNorm, Weight,
+    apply_rope, attention, constrain, rope_cos_sin,
 )
 from effopd_jax.models import paged
 
@@ -76,7 +76,9 @@ class QwenConfig:
 
     Runtime fields (not part of the checkpoint): `param_dtype` (storage dtype of parameters),
     `dtype` (compute dtype), `scan_layers` (layers under `nn.scan`, params under `layers/` with a
-    leading layer axis), `remat` (activation checkpointing policy, one of `REMAT_POLICIES`).
+    leading layer axis), `remat` (activation checkpointing policy, one of `REMAT_POLICIES`),
+    `attention_impl` (how a forward without a cache computes attention, one of
+    `layers.ATTENTION_IMPLS`; decoding with a cache is always direct).
 
     Frozen and hashable, so it can be a static argument of `jax.jit`.
     """
@@ -105,6 +107,7 @@ class QwenConfig:
     dtype: DType = jnp.bfloat16
     scan_layers: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
@@ -124,6 +127,9 @@ class QwenConfig:
                 f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"QwenConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"QwenConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if self.model_type not in QWEN_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"QwenConfig.model_type {self.model_type!r} is not supported "
@@ -410,7 +416,7 @@ class Attention(nn.Module):
             new_cache = (k_cache, v_cache)
             k, v = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
 
-        out = attention(q, k, v, mask, cfg.dtype)
+        out = attention(q, k, v, mask, cfg.dtype, impl=cfg.attention_impl)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out = out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), cfg.o_proj_bias, "o_proj")(out)
@@ -459,7 +465,7 @@ class Qwen(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  attention_mask: Array | None = None, return_hidden_states: bool = False,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, segment_ids: Array | None = None):
         """Forward pass.
 
         Args:
@@ -473,6 +479,9 @@ class Qwen(nn.Module):
             (compute dtype) instead of logits, so a loss can chunk the vocabulary projection.
           cache: a `KVCache`; this call writes the new keys/values at slots
             `[index, index + seq)` and attends from slot s to slots j <= s.
+          segment_ids: [batch, seq] int (no cache): packed rows, each segment a contiguous run
+            of one sequence; tokens attend only within their segment, 0 marks padding (never
+            attended to). Default positions restart at 0 in every segment.
 
         Returns:
           logits [batch, seq, vocab] float32 (or hidden states); with a cache, the pair
@@ -484,6 +493,11 @@ class Qwen(nn.Module):
         batch, seq = input_ids.shape
         if positions is not None and positions.shape != (batch, seq):
             raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) are for a forward without a cache")
+            if segment_ids.shape != (batch, seq):
+                raise ValueError(f"segment_ids must have shape {(batch, seq)}, got {segment_ids.shape}")
 
         if cache is None:
             if attention_mask is not None and attention_mask.shape != (batch, seq):
@@ -507,6 +521,14 @@ class Qwen(nn.Module):
                      else attention_mask.astype(bool))
         causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
         mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
+        if cache is None:
+            # Without a cache the mask stays per-token vectors, so `attention_impl` need not
+            # materialise [seq, seq] (the dense mask above is then unused and compiled away).
+            if segment_ids is not None:
+                key_valid = key_valid & (segment_ids != 0)
+            mask = AttentionMask(key_valid, segment_ids)
+        if positions is None and segment_ids is not None:
+            positions = _segment_positions(segment_ids)
 
         if positions is None:
             if attention_mask is None:
@@ -645,6 +667,15 @@ class QwenPaged(nn.Module):
         return out, PagedKVCache(k=new_k, v=new_v)
 
 
+def _segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at the start of every run of equal segment ids: [batch, seq]."""
+    seq = segment_ids.shape[1]
+    index = jnp.arange(seq)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
 # ============================================================================================
 # Parameter helpers
 # ============================================================================================
@@ -747,10 +778,12 @@ class QwenFamily(ModelFamily):
 
     def apply(self, config: QwenConfig, params: Any, input_ids: Array, *,
               positions: Array | None = None, attention_mask: Array | None = None,
-              cache: KVCache | None = None, return_hidden_states: bool = False) -> Any:
+              cache: KVCache | None = None, return_hidden_states: bool = False,
+              segment_ids: Array | None = None) -> Any:
         return Qwen(config).apply({"params": params}, input_ids, positions=positions,
                                   attention_mask=attention_mask,
-                                  return_hidden_states=return_hidden_states, cache=cache)
+                                  return_hidden_states=return_hidden_states, cache=cache,
+                                  segment_ids=segment_ids)
 
     def init_params(self, config: QwenConfig, rng: Array) -> Any:
         return nn.unbox(_init_variables(config, rng))["params"]

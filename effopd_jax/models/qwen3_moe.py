@@ -38,8 +38,10 @@ from effopd_jax.models.family import (
     BIAS, EMBEDDING, LM_HEAD, MATRIX, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
     UnsupportedConfigError, read_hf_config, register_family,
 )
-from effopd_jax.models.layers import REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, Weight, constrain, rope_cos_sin
-from effopd_jax.models.qwen import MLP, Attention, KVCache, _rope_theta, init_cache
+from effopd_jax.models.layers import (
+    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, RMSNorm, Weight, constrain, rope_cos_sin,
+)
+from effopd_jax.models.qwen import MLP, Attention, KVCache, _rope_theta, _segment_positions, init_cache
 
 Array = jax.Array
 DType = Any
@@ -76,7 +78,7 @@ class Qwen3MoeConfig:
 
     Runtime (not in the checkpoint): `param_dtype`, `dtype`, `scan_layers`, `remat` as Qwen's;
     `moe_impl` (`moe.MOE_IMPLS`: how the experts run); `router_z_loss_coef` (the router z-loss
-    weight in `forward_with_aux`, 0 = off).
+    weight in `forward_with_aux`, 0 = off); `attention_impl` as Qwen's (a forward without a cache).
 
     Frozen and hashable (a static `jax.jit` argument). `qkv_bias`, `o_proj_bias` (=
     `attention_bias`) and `qk_norm` (always) are properties, so Qwen's attention reads it.
@@ -114,6 +116,7 @@ class Qwen3MoeConfig:
     remat: str = "none"
     moe_impl: str = "auto"
     router_z_loss_coef: float = 0.0
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
@@ -144,6 +147,9 @@ class Qwen3MoeConfig:
                              f"[0, {self.num_hidden_layers})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Qwen3MoeConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Qwen3MoeConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if self.moe_impl not in moe.MOE_IMPLS:
             raise ValueError(f"Qwen3MoeConfig.moe_impl must be one of {moe.MOE_IMPLS}, got {self.moe_impl!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -348,15 +354,20 @@ class Qwen3Moe(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  attention_mask: Array | None = None, return_hidden_states: bool = False,
-                 cache: KVCache | None = None):
-        """See `effopd_jax.models.forward` (and `qwen.Qwen.__call__`, whose masks, positions and
-        cache handling this repeats)."""
+                 cache: KVCache | None = None, segment_ids: Array | None = None):
+        """See `effopd_jax.models.forward` (and `qwen.Qwen.__call__`, whose masks, positions,
+        packed segments and cache handling this repeats)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         batch, seq = input_ids.shape
         if positions is not None and positions.shape != (batch, seq):
             raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) are for a forward without a cache")
+            if segment_ids.shape != (batch, seq):
+                raise ValueError(f"segment_ids must have shape {(batch, seq)}, got {segment_ids.shape}")
 
         if cache is None:
             if attention_mask is not None and attention_mask.shape != (batch, seq):
@@ -380,6 +391,13 @@ class Qwen3Moe(nn.Module):
                      else attention_mask.astype(bool))
         causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
         mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
+        if cache is None:
+            # Per-token vectors, so `attention_impl` need not materialise [seq, seq].
+            if segment_ids is not None:
+                key_valid = key_valid & (segment_ids != 0)
+            mask = AttentionMask(key_valid, segment_ids)
+        if positions is None and segment_ids is not None:
+            positions = _segment_positions(segment_ids)
         # This call's tokens that are real (they alone enter the router statistics).
         token_mask = (key_valid if cache is None
                       else jax.lax.dynamic_slice_in_dim(key_valid, cache.index, seq, axis=1))
@@ -524,10 +542,12 @@ class Qwen3MoeFamily(ModelFamily):
 
     def apply(self, config: Qwen3MoeConfig, params: Any, input_ids: Array, *,
               positions: Array | None = None, attention_mask: Array | None = None,
-              cache: KVCache | None = None, return_hidden_states: bool = False) -> Any:
+              cache: KVCache | None = None, return_hidden_states: bool = False,
+              segment_ids: Array | None = None) -> Any:
         return Qwen3Moe(config).apply({"params": params}, input_ids, positions=positions,
                                       attention_mask=attention_mask,
-                                      return_hidden_states=return_hidden_states, cache=cache)
+                                      return_hidden_states=return_hidden_states, cache=cache,
+                                      segment_ids=segment_ids)
 
     def apply_with_aux(self, config: Qwen3MoeConfig, params: Any, input_ids: Array, *,
                        positions: Array | None = None, attention_mask: Array | None = None,

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from effopd_jax import batching
 from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import config as config_lib
 from effopd_jax import data, grading, lora, models, objectives, preemption
@@ -141,10 +142,13 @@ class Trainer:
             reward_scale=config.loss.reward_scale, is_threshold=config.loss.is_threshold, topk=config.loss.topk)
         self.update = jax.jit(
             functools.partial(update_step, optimizer=self.optimizer, model_config=self.student_config,
-                              parameterization=parameterization, loss=self.loss, settings=settings),
+                              parameterization=parameterization, loss=self.loss, settings=settings,
+                              micro_batch_size=config.micro_batch_size),
             out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
             donate_argnums=(0,),
         )
+        self._sequence_lengths = jax.jit(batching.sequence_lengths)
+        self.packing_record: dict = {}  # the last packing plan's figures (config.pack_sequences)
 
         # The foresight monitor keeps W_0 = the initial student as the forward sees it (taken
         # before any resume): for adapters on a cast base, the merge of that base, so that
@@ -200,13 +204,16 @@ class Trainer:
         rollout = self.engines["rollout"].generate(self.student_params(), rows.prompt_token_ids,
                                                    jax.random.fold_in(step_key, 0))
         clock.lap("rollout_seconds", rollout)
-        batch, teacher_stats = self.score(rollout, rows)
+        plan = self.packing_plan(rollout) if self.config.pack_sequences else None
+        batch, teacher_stats = self.score(rollout, rows, plan)
         clock.lap("teacher_seconds", batch)
         with sharding_lib.sharding_context(self.mesh):
-            self.state, update_metrics = self.update(self.state, batch, self.frozen_params)
+            self.state, update_metrics = self.update(self.state, batch, self.frozen_params, plan)
         update_metrics = jax.device_get(clock.lap("update_seconds", update_metrics))
         record = self._step_record(step, learning_rate, rollout, update_metrics, clock)
         record.update(self.teacher.step_metrics(jax.device_get(teacher_stats), update_metrics))
+        if plan is not None:
+            record.update(self.packing_record)
         if self.config.effopd.enabled and effopd_search_due(self.state.opt_state):
             record.update(self.effopd_search(step_key))
         record["step_seconds"] = clock.since_start()
@@ -225,22 +232,49 @@ class Trainer:
         """The prompt token ids of :meth:`next_rows`."""
         return self.next_rows().prompt_token_ids
 
-    def score(self, rollout: Rollout, rows: data.PromptBatch) -> tuple[OPDBatch, TeacherStepStats]:
+    def score(self, rollout: Rollout, rows: data.PromptBatch,
+              plan: batching.PackingPlan | None = None) -> tuple[OPDBatch, TeacherStepStats]:
         """The rollout with the teachers' (and G-OPD's pi_B) view of every response token.
 
         ``rows`` are this process's rows of the step (:meth:`next_rows`): the teachers route them
         and render their own prompts from them. A live-student teacher scores with the params
-        that sampled the rollout, the same the update differentiates at (before the update)."""
+        that sampled the rollout, the same the update differentiates at (before the update).
+        With the step's packing ``plan`` the teachers that score every row on the student's
+        prompt ids, and pi_B, run on its packed rows."""
         batch = OPDBatch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                          response_ids=rollout.response_ids, response_mask=rollout.response_mask,
                          behaviour_logprobs=rollout.behaviour_logprobs)
         with sharding_lib.sharding_context(self.mesh):
             live = self.student_params() if self.teacher.has_live_student else None
             batch, stats = self.teacher.score_with_stats(rollout, batch, example_ids=rows.example_ids,
-                                                         student_params=live)
+                                                         student_params=live, plan=plan)
             if self.reference is not None:
-                batch = self.reference.score_reference(rollout, batch)
+                batch = self.reference.score_reference(rollout, batch, plan)
         return batch, stats
+
+    def packing_plan(self, rollout: Rollout) -> batching.PackingPlan:
+        """The step's packed layout (``config.pack_sequences``): the sequence lengths come to the
+        host, are packed first-fit-decreasing per batch shard, and the plan goes back onto the
+        mesh's batch shards."""
+        prompt_lengths, response_lengths, contiguous = self._sequence_lengths(rollout.prompt_mask,
+                                                                              rollout.response_mask)
+        if not bool(jax.device_get(contiguous)):
+            raise ValueError("config.pack_sequences: the rollout's prompts are not left-padded or its "
+                             "responses not right-padded, so its sequences cannot be packed")
+        shards = int(np.prod([self.mesh.shape[axis] for axis in sharding_lib.BATCH_AXES]))
+        plan = batching.plan_packing(
+            to_host(prompt_lengths), to_host(response_lengths), prompt_length=rollout.prompt_ids.shape[1],
+            max_new_tokens=rollout.response_ids.shape[1], micro_batch_size=self.config.micro_batch_size,
+            shards=shards)
+        self.packing_record = {"packed_micro_batches": int(plan.num_micro_batches),
+                               "packing_efficiency": batching.packing_efficiency(plan)}
+        # Every process computed the same plan; each places the shards its devices hold.
+        def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+            return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+        arrays = sharding_lib.batch_sharding(self.mesh, 4)
+        return plan._replace(**{name: place(getattr(plan, name), arrays) for name in plan._fields[:5]},
+                             num_micro_batches=place(plan.num_micro_batches, NamedSharding(self.mesh, P())))
 
     def _step_record(self, step: int, learning_rate: float, rollout: Rollout, update_metrics: dict,
                      clock: Stopwatch) -> dict:

@@ -41,7 +41,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
 
 def rows_per_step(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
     """Rollouts per step (prompts x samples per prompt), checked to split over the mesh's batch
-    shards and the processes."""
+    shards and the processes, and into micro-batches that keep the batch split."""
     rows = config.data.prompts_per_step * config.rollout.samples_per_prompt
     batch_shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     if rows % batch_shards:
@@ -52,6 +52,10 @@ def rows_per_step(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
         raise ValueError(
             f"config.data.prompts_per_step={config.data.prompts_per_step} is not divisible by the "
             f"process count {jax.process_count()}")
+    if config.micro_batch_size % batch_shards:
+        raise ValueError(
+            f"config.micro_batch_size={config.micro_batch_size} is not a multiple of the mesh's batch "
+            f"shards data*fsdp = {batch_shards}: every device takes a share of every micro-batch")
     return rows
 
 
@@ -107,7 +111,8 @@ def load_model(spec: ml_collections.ConfigDict, mesh: Mesh, *, weights: str = ""
     """
     config = models.config_from_hf(
         spec.path, param_dtype=spec.param_dtype, dtype=spec.compute_dtype,
-        scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"))
+        scan_layers=bool(spec.scan_layers), remat=spec.get("remat", "none"),
+        attention_impl=spec.get("attention", "auto"))
     config = with_router_losses(config, spec, role)
     shardings = sharding_lib.param_shardings(config, mesh)
     if not weights and spec.init == "random":
@@ -221,7 +226,7 @@ def load_teachers(config: ml_collections.ConfigDict, mesh: Mesh, tokenizer, *, l
             temperature=temperature, chunk_size=config.loss.chunk_size,
             prompts=_teacher_prompts(config, spec, field, tokenizer), live=spec.model == "student_live",
             data_sources=tuple(spec.data_sources), weight=float(spec.weight),
-            rows_per_forward=spec.rows_per_forward))
+            rows_per_forward=spec.rows_per_forward, micro_batch_size=config.micro_batch_size))
     if len(teachers) == 1:
         routing, default = "single", None
     else:
@@ -250,7 +255,8 @@ def load_reference(config: ml_collections.ConfigDict, mesh: Mesh, *, temperature
     reference_config, params = load_model(config.student, mesh, weights=weights, log=log,
                                           role="G-OPD reference model")
     return Teacher(name="reference", config=reference_config, params=params, output="token_logprobs",
-                   temperature=temperature, chunk_size=config.loss.chunk_size)
+                   temperature=temperature, chunk_size=config.loss.chunk_size,
+                   micro_batch_size=config.micro_batch_size)
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:

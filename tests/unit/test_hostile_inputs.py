@@ -789,6 +789,13 @@ def _cross_rule_problems(values: dict) -> set[str]:
     axes = [values.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")]
     if None not in axes and axes.count(-1) > 1:
         problems.add("mesh")
+    if {"micro_batch_size", "data.prompts_per_step", "rollout.samples_per_prompt"} <= set(values):
+        rows = values["data.prompts_per_step"] * values["rollout.samples_per_prompt"]
+        if values["micro_batch_size"] and rows % values["micro_batch_size"]:
+            problems.add("micro_batch_size")  # micro-batches must divide the step's rows
+    if {"pack_sequences", "micro_batch_size"} <= set(values):
+        if values["pack_sequences"] and not values["micro_batch_size"]:
+            problems.add("pack_sequences")  # packing needs micro-batches
     if values.get("lora.dropout", 0.0) != 0.0:
         problems.add("lora.dropout")  # LoRA dropout is refused
     return problems
@@ -1144,6 +1151,8 @@ def test_named_bad_values_are_refused_naming_the_field(base_trees, field, value)
         ({"student.init": "random", "init_from": "MODEL"}, "init_from", "student.init='checkpoint'"),
         ({"student.path": "CONFIG_FILE"}, "student.path", "no such directory"),
         ({"teachers[0].path": "CONFIG_FILE"}, "teachers[0].path", "no such directory"),
+        ({"data.prompts_per_step": 8, "micro_batch_size": 3}, "micro_batch_size", "does not divide"),
+        ({"pack_sequences": True}, "pack_sequences", "set micro_batch_size"),
     ],
 )
 def test_rules_across_fields_are_refused_naming_the_field(base_trees, paths, overrides, field, says):
@@ -1177,6 +1186,8 @@ def test_two_teachers_with_one_name_are_refused_naming_the_second(base_trees):
         {"loss.name": "topk_reverse_kl", "loss.reward_scale": 1, "loss.topk": 64},  # 1 is the default 1.0
         {"data.eval_files": ("PROMPTS",), "eval_every": 5, "eval.samples_per_prompt": 4},
         {"effopd.val_files": ["PROMPTS"]},  # a list is a tuple of files
+        {"data.prompts_per_step": 8, "rollout.samples_per_prompt": 2, "micro_batch_size": 4,
+         "pack_sequences": True, "student.attention": "blockwise", "teachers[0].attention": "splash"},
         {"teacher": DELETE},
     ],
 )

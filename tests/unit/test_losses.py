@@ -200,6 +200,42 @@ def test_aggregation_modes_hand_computed():
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_aggregation_weights_split_over_row_groups_give_the_whole_batch_loss(aggregation):
+    """sum(weights * l) / normaliser == aggregate_token_losses, and == the numpy weights; summed
+    over any split of the rows (micro-batches) it is still the whole batch's loss and gradient."""
+    rng = np.random.default_rng(3)
+    token_losses = rng.normal(size=(6, 5)).astype(np.float32)
+    mask = rng.random((6, 5)) < 0.6
+    mask[2] = False                                   # an empty row
+    weights, normaliser = losses.aggregation_weights(jnp.asarray(mask), aggregation)
+    np.testing.assert_allclose(np.asarray(weights) / float(normaliser), np_aggregation_weights(mask, aggregation),
+                               rtol=1e-6)
+    whole = losses.aggregate_token_losses(token_losses, mask, aggregation)
+    np.testing.assert_allclose(float(jnp.sum(weights * token_losses) / normaliser), float(whole), rtol=1e-6)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    split = sum(float(jnp.sum(weights[p] * token_losses[p])) for p in parts) / float(normaliser)
+    np.testing.assert_allclose(split, float(whole), rtol=1e-6)
+    # The sampled-token loss split the same way: terms per part, one normaliser, one metrics pass.
+    s = rng.normal(-2, 1, (6, 5)).astype(np.float32)
+    t = rng.normal(-2, 1, (6, 5)).astype(np.float32)
+    grad_whole = jax.grad(lambda x: losses.sampled_token_opd_loss(x, t, mask, aggregation=aggregation)[0])(s)
+
+    def part_loss(x, p):
+        terms, _ = losses.sampled_token_opd_token_terms(x, t[p], mask[p])
+        return jnp.sum(weights[p] * terms) / normaliser
+
+    grad_split = np.concatenate([np.asarray(jax.grad(part_loss)(s[p], p)) for p in parts])
+    np.testing.assert_allclose(grad_split, np.asarray(grad_whole), rtol=1e-5, atol=1e-7)
+    stats = [losses.sampled_token_opd_token_terms(s[p], t[p], mask[p])[1] for p in parts]
+    joined = {k: jnp.concatenate([st[k] for st in stats]) for k in stats[0]}
+    expected = losses.sampled_token_opd_loss(s, t, mask, aggregation=aggregation)[1]
+    got = losses.sampled_token_opd_metrics(joined, mask)
+    assert set(got) == set(expected)
+    for key in expected:
+        np.testing.assert_allclose(float(got[key]), float(expected[key]), rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_padding_changes_nothing(aggregation):
     student, teacher, base, tokens, mask = random_problem(seed=6)
     s, t, b = (np.asarray(gather(x, tokens)) for x in (student, teacher, base))

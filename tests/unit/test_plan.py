@@ -263,6 +263,31 @@ def test_continuous_rollout_is_planned_with_a_page_pool_that_follows_slots_not_r
     assert large.alias_bytes - small.alias_bytes < pool_bytes / 8
 
 
+def test_partial_plan_compiles_the_packed_micro_batched_programs():
+    """``--programs=scoring,update`` with ``pack_sequences``: the teacher scores and the update
+    differentiates packed micro-batches, whose plan arrays are arguments of both programs."""
+    config = load_config(TINY_CONFIG)
+    config.update(micro_batch_size=4, pack_sequences=True)
+    with jax.default_matmul_precision(None):
+        result = plan.make_plan(config, plan.parse_target("v5e:2x2"), log=lambda line: None,
+                                groups=("scoring", "update"))
+    assert list(result.programs) == ["teacher_scoring", "update"] and result.fits
+    summary = plan.plan_json(result)
+    assert summary["skipped_groups"] == ["optimizer_init", "rollout", "effopd", "eval"]
+    assert "packed rows of 280 tokens, 4 per micro-batch" in result.docs["teacher_scoring"]
+    assert "packed micro-batches of 4 rows" in result.docs["update"]
+    assert "PARTIAL PLAN" in plan.format_report(result)
+    # Per device (data=4), counted by hand: the token ids packed scoring reads (2 rows of int32
+    # prompt and response ids; unused arguments are pruned) and the plan's five int32
+    # [shards 4, micro-batches 8/4, 4/4, 256 + 24] arrays split over the 4 devices, plus its count.
+    rows, length = 8 // 4, 256 + 24
+    plan_bytes = 5 * 2 * 1 * length * 4 + 4
+    rollout_bytes = rows * (256 + 24) * 4
+    assert result.programs["teacher_scoring"].argument_bytes >= rollout_bytes + plan_bytes
+    with pytest.raises(ValueError, match="unknown program groups"):
+        plan.make_plan(config, plan.parse_target("v5e:2x2"), log=lambda line: None, groups=("updates",))
+
+
 @needs_libtpu
 def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting():
     devices = plan.target_devices(plan.parse_target("v5e:2x2"))
@@ -286,9 +311,10 @@ def _run(args: list[str], **env) -> subprocess.CompletedProcess:
 def test_gpu_estimate_of_a_config_that_cannot_fit_exits_1():
     # 512 prompts x (256 + 3000) tokens: the teacher's and the update's [rows, heads, seq, seq]
     # attention scores need far more than 0.75 x 80 GB per GPU (256 rows per GPU).
+    # The dense (reference) attention: the blockwise default would not hold the scores.
     result = _run(["-m", "effopd_jax.plan", f"--config={TINY_CONFIG}", "--topology=2xH100-80GB",
                    "--config.data.prompts_per_step=512", "--config.rollout.max_new_tokens=3000",
-                   ])
+                   "--config.student.attention=direct", "--config.teachers[0].attention=direct"])
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
