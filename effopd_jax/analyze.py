@@ -111,7 +111,9 @@ def checkpoint_format(path: str | os.PathLike) -> str:
 
 
 def unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The unscanned layout of a params tree: a ``layers`` subtree becomes ``layers_{i}``."""
+    """The unscanned layout of a params tree whose ``layers`` subtree stacks one layer per
+    slice (``layers_{i}``), for checkpoints without a config; with a config,
+    ``models.relayout_params`` handles every family (e.g. Qwen3.5's period-grouped scan)."""
     if "layers" not in params:
         return dict(params)
     num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
@@ -170,10 +172,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, Any]:
         config, params = convert.load_orbax(path)
     else:
         config, params = _restore_run_checkpoint(os.fspath(path))
-    params = unscanned(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
-    if config is not None:
-        config = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
-    return config, params
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    if config is None:
+        return None, unscanned(params)
+    flat = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
+    if config.scan_layers:  # through the layout's tensor names: any family's grouping of layers
+        params = models.relayout_params(params, dataclasses.replace(config, param_dtype=jnp.float32), flat)
+    return flat, params
 
 
 def check_same_architecture(configs: Sequence[ModelConfig | None], names: Sequence[str]) -> None:
@@ -398,6 +403,7 @@ def analyze(
         result.export_dir = export_rank_k(
             model_config, base_params, final_params, rank_k_export, alpha,
             os.path.join(out_dir, f"rank_{rank_k_export}_alpha_{alpha:g}"), export_dtype, svd_method, seed,
+            carry_from=paths[0] if checkpoint_format(paths[0]) == "hf" else None,
         )
     return result
 
@@ -575,13 +581,15 @@ def export_rank_k(
     dtype: str | None = None,
     svd_method: monitor.SVDMethod = "auto",
     seed: int = 0,
+    carry_from: str | None = None,
 ) -> str:
     """Writes the norm-preserving rank-k reconstruction of ``params_t`` (docs/foresight.md) as a
     HF checkpoint at ``path``.
 
     The layout's matrices become W_0 + α(‖ΔW‖_F/‖ΔW_k‖_F)ΔW_k; every other parameter is the
     base's (the authors' ``upd_rank.py``). ``config`` describes the params' layout
-    (``scan_layers``); ``dtype``: storage dtype (default float32).
+    (``scan_layers``); ``dtype``: storage dtype (default float32); ``carry_from``: the base HF
+    checkpoint, whose tensors the model does not use (e.g. a vision tower) are copied unchanged.
     """
     start = time.perf_counter()
     layout = models.layout(config)
@@ -589,7 +597,8 @@ def export_rank_k(
     new_params = monitor.rank_k_reconstruct_params(
         params_0, params_t, k, jax.random.PRNGKey(seed), layout=layout, alpha=alpha, method=svd_method
     )
-    models.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype))
+    models.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype),
+                   carry_from=carry_from)
     _log(f"wrote rank-{k} (alpha {alpha:g}) reconstruction to {path} in {time.perf_counter() - start:.1f} s")
     return path
 

@@ -7,7 +7,8 @@
     logits = models.forward(config, params, input_ids, attention_mask=mask)  # [batch, seq, vocab]
     models.save_hf(config, params, "/out/student")
 
-A *family* (Qwen2/2.5/3 today: `effopd_jax/models/qwen.py`) registers itself under the HF
+A *family* (Qwen2/2.5/3: `effopd_jax/models/qwen.py`; Qwen3.5/3.6 hybrids:
+`effopd_jax/models/qwen3_5.py`) registers itself under the HF
 `model_type`s it reads; every function here dispatches on `config.model_type`, so callers never
 import a family module. An unsupported `model_type` is refused with the list of supported ones.
 The parameter layout (`layout(config)`) tells conversion, EffOPD's default filter, the
@@ -18,6 +19,7 @@ Public API
   forward                                            logits (or hidden states), optional cache
   init_params, abstract_params, param_logical_axes   params without a checkpoint; their axes
   init_cache, lm_head_weight, layout                 decoding cache, output head, layout
+  relayout_params                                    the same weights in another tree layout
   family_for, register_family, supported_model_types the registry
 """
 
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 # Importing a family module registers it.
 from effopd_jax.models import qwen as _qwen  # noqa: F401
+from effopd_jax.models import qwen3_5 as _qwen3_5  # noqa: F401
 from effopd_jax.models.family import (
     ModelConfig,
     ModelFamily,
@@ -60,7 +63,7 @@ __all__ = [
     "ParamInfo", "TensorShapeError", "UnexpectedTensorError", "UnsupportedConfigError",
     "abstract_params", "config_from_hf", "family_for", "forward", "init_cache", "init_params",
     "layout", "lm_head_weight", "load_hf", "load_params", "param_logical_axes", "read_hf_config",
-    "register_family", "save_hf", "supported_model_types",
+    "register_family", "relayout_params", "save_hf", "supported_model_types",
 ]
 
 
@@ -126,3 +129,54 @@ def layout(config: ModelConfig) -> ModelLayout:
     """The parameter layout of `config` (see `effopd_jax.models.family.ModelLayout`); cached,
     since configs are hashable and layouts immutable."""
     return family_for(config).layout(config)
+
+
+def relayout_params(params: PyTree, source: ModelConfig, target: ModelConfig) -> PyTree:
+    """`params` of `source`'s tree layout rearranged into `target`'s, e.g. scanned -> unscanned
+    (`dataclasses.replace(config, scan_layers=False)`). Leaves are matched through the layouts'
+    HF tensor names, so it works for any family and any grouping of stacked layers; arrays are
+    sliced and stacked, never changed.
+
+    Raises:
+      ValueError: the two layouts do not name the same tensors with the same shapes.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    def slices(config: ModelConfig, tree: PyTree) -> dict[str, tuple[Any, int, int]]:
+        """{HF name: (leaf, slice number, number of stacked axes)}."""
+        leaves = jax.tree.leaves(tree)
+        infos = layout(config).params
+        if len(leaves) != len(infos):
+            raise ValueError(f"params have {len(leaves)} leaves; the {config.model_type} layout "
+                             f"has {len(infos)}")
+        out = {}
+        for info, leaf in zip(infos, leaves):
+            for i, name in enumerate(info.hf_names):
+                out[name] = (leaf, i, len(info.stack_axes))
+        return out
+
+    have = slices(source, params)
+    wanted_infos = layout(target).params
+    wanted = {name for info in wanted_infos for name in info.hf_names}
+    if set(have) != wanted:
+        raise ValueError("relayout_params: the layouts name different tensors: "
+                         f"{sorted(set(have) ^ wanted)[:8]}")
+
+    def piece(name: str) -> Any:
+        leaf, i, stacked = have[name]
+        return leaf.reshape((-1,) + leaf.shape[stacked:])[i] if stacked else leaf
+
+    new_leaves = []
+    for info in wanted_infos:
+        parts = [piece(name) for name in info.hf_names]
+        if not info.stack_axes:
+            new_leaves.append(parts[0])
+        else:
+            xnp = jnp if isinstance(parts[0], jax.Array) else np
+            new_leaves.append(xnp.stack(parts))
+    abstract = abstract_params(target)
+    for got, want, info in zip(new_leaves, jax.tree.leaves(abstract), wanted_infos):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"relayout_params: {info.name} would be {tuple(got.shape)}, the target "
+                             f"layout needs {tuple(want.shape)}")
+    return jax.tree.unflatten(jax.tree.structure(abstract), new_leaves)

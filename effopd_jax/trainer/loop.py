@@ -353,10 +353,16 @@ class Trainer:
         return last
 
     def export_hf(self, path: str) -> None:
-        """Writes the student as an HF checkpoint (config, safetensors, tokenizer)."""
+        """Writes the student as an HF checkpoint (config, safetensors, tokenizer); tensors of
+        the student's own HF checkpoint that its family does not use (e.g. Qwen3.5's vision tower
+        and MTP head) are copied from it unchanged."""
         params = jax.tree.map(to_host, self.student_params())
         if self.is_main:
-            models.save_hf(self.student_config, params, path)
+            source = self.config.student.path
+            has_weights = any(os.path.isfile(os.path.join(source, name)) for name in (
+                models.hf.SAFE_WEIGHTS_NAME, models.hf.SAFE_WEIGHTS_INDEX_NAME))
+            models.save_hf(self.student_config, params, path,
+                           carry_from=source if has_weights else None)
             self.tokenizer.save_pretrained(path)
             self.log(f"exported the student to {path}")
 
