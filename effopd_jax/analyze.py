@@ -479,14 +479,16 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     labels = [monitor.short_module_name(m) for m in modules]
     L = result.num_layers
 
-    def grid(column):
-        values = np.zeros((L, len(modules)))
+    def grid(column, missing=0.0):
+        # `missing`: cells of layers that do not hold the module (hybrid models, e.g. Qwen3.5's
+        # attention modules live in every 4th layer only).
+        values = np.full((L, len(modules)), missing)
         for r in final_rows:
             values[r["layer"], modules.index(r["module"])] = float(r[column])
         return values
 
     # 1. Relative update heatmap.
-    rel = grid("rel_update")
+    rel = grid("rel_update", missing=np.nan)  # blank, not 0, where a layer has no such module
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2, 0.35 * L + 2))
     image = ax.imshow(rel, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(modules)), labels)
@@ -497,8 +499,9 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     fig.colorbar(image, ax=ax, label="‖ΔW‖_F / ‖W_0‖_F")
     if L * len(modules) <= 200:
         for (layer, col), value in np.ndenumerate(rel):
-            ax.text(col, layer, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                    color="white" if value < rel.max() * 0.6 else "black")
+            if np.isfinite(value):
+                ax.text(col, layer, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if value < np.nanmax(rel) * 0.6 else "black")
     paths.append(_save(fig, out_dir, "relative_update_heatmap.png"))
 
     # 2. Overlap with the final subspace over training.

@@ -320,6 +320,14 @@ def test_greedy_generation_equals_transformers_generate(checkpoints):
                 do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, eos_token_id=None,
                 pad_token_id=0)
         np.testing.assert_array_equal(out.tokens[row], hf[0, len(prompt):].numpy())
+    # Right padding through the low-level API (same shapes as generate's buckets: [4, 16], so the
+    # same compiled program): the conv / recurrent state handed to decoding skips the padding.
+    ids, mask = np.zeros((4, 16), np.int32), np.zeros((4, 16), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, True
+    right = sampling.generate_padded(config, params, ids, mask, jax.random.key(0),
+                                     max_new_tokens=max_new, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(right.tokens)[:3], out.tokens)
 
 
 # ---------------------------------------------------------------------------------------------
