@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# The test extra brings libtpu on Linux x86_64 (through jax[tpu]), so the memory-plan tests compile
+# for a TPU topology on CPU; it is never used to run anything.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,analysis]"

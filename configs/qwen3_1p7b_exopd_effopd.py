@@ -4,6 +4,9 @@
 Same as `qwen3_1p7b_opd_effopd.py` except the reward: A = lambda (T - B) - (s - B) with pi_B the
 initial student (Qwen3-1.7B). Unlike the authors' code, pi_B stays fixed while EffOPD moves its
 anchor (docs/effopd_rule.md#interaction-with-g-opd).
+
+Memory: as `qwen3_1p7b_opd_effopd.py`, plus pi_B's scoring (the initial student, float32 params),
+>= 335 GiB per chip on v5p:4x4x4 with today's programs (README.md#memory-plan).
 """
 
 import importlib.util

@@ -12,6 +12,15 @@ Model and data paths are the user's: set them on the command line, e.g.
       --config.data.eval_files='("/data/aime24.parquet","/data/aime25.parquet")' \
       --config.effopd.val_files='("/data/effopd_val.parquet",)'
 The verl Parquet layout (chat-list `prompt`, `reward_model.ground_truth`) is read as is.
+
+Memory (README.md#memory-plan): plan a slice before renting it, with this file as it is,
+    python -m effopd_jax.plan --config=configs/qwen3_1p7b_opd_effopd.py --topology=v5p:4x4x4
+With today's programs (every phase takes all 1,024 rows at once, dense attention) it fits no slice:
+on v5p:4x4x4 the rollout needs >= 133 GiB per chip, the teacher's scoring >= 660 GiB and the update
+>= 544 GiB. One row per chip at a time fits v5p:4x4x4 (peak 42 GiB: the teacher's attention
+scores), so the settings expected to make it fit there are `micro_batch_size=64` and the continuous
+rollout engine with 64 or more `rollout.slots` (not set here: they come with the engines that
+read them); v5e:16x16 and 8xH100-80GB also need blockwise attention.
 """
 
 from effopd_jax.config import default_config, teacher_config
@@ -23,8 +32,12 @@ def get_config():
     c.total_steps = 300  # the authors run len(dataloader) * 3 epochs; set to your data size
     c.checkpoint_every = 50
     c.eval_every = 10
-    c.student.update(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
-    c.teachers = (teacher_config(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
+    # The models this run was written for; the memory plan reads their shapes (path "" is then fine for
+    # the plan only). The math teacher is an RL fine-tune of Qwen3-4B: the same architecture.
+    c.student.update(path="", hf_name="Qwen/Qwen3-1.7B", param_dtype="float32", compute_dtype="bfloat16",
+                     scan_layers=True, remat="full")
+    c.teachers = (teacher_config(path="", hf_name="Qwen/Qwen3-4B", param_dtype="bfloat16", compute_dtype="bfloat16",
+                                 scan_layers=True),)
     c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
     c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
     c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)

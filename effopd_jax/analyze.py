@@ -11,6 +11,11 @@ Each checkpoint is one of
   run    a step directory of the trainer (``WORKDIR/checkpoints/<step>``, holding ``state/``):
          only ``state.trainable_params`` is read (orbax partial restore; for full fine-tuning
          that is the whole student) and the model config the trainer wrote into ``meta``.
+         A LoRA run's step directory (``meta.parameterization.name == "lora"``) holds only the
+         adapters: they are merged into the first checkpoint of the series, which must then be
+         the base the run started from (HF or orbax), W_t = W_0 + (alpha / r)·A·B. So the
+         analysed update ΔW_t is exactly the adapters' product, of rank <= r (a bfloat16 frozen
+         base in the run does not change it: both W_t and W_0 use the base given here).
 Which parameters are the attention/MLP matrices comes from the model's layout
 (``effopd_jax.models.layout``), built from the first checkpoint that carries a config.
 The base W_0 comes first and the final W_T last. Ordering: when every directory name ends in a
@@ -123,9 +128,10 @@ def unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any]:
-    """(model config from meta or None, ``state.trainable_params``) of a trainer step directory,
-    without reading the optimizer state."""
+def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any, dict]:
+    """(model config from meta or None, ``state.trainable_params``, the meta's parameterization
+    (``{"name": "full"}`` when the meta has none)) of a trainer step directory, without reading
+    the optimizer state."""
     import json
 
     import orbax.checkpoint as ocp
@@ -148,36 +154,64 @@ def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any]:
             ),
         )
     config = None
+    parameterization = {"name": "full"}
     meta_file = os.path.join(os.path.abspath(path), "meta", "metadata")
     if os.path.isfile(meta_file):
         with open(meta_file) as f:
-            fields = json.load(f).get(checkpoint_lib.META_MODEL_CONFIG)
+            meta = json.load(f)
+        fields = meta.get(checkpoint_lib.META_MODEL_CONFIG)
         if fields is not None:
             config = models.family_for(str(fields.get("model_type"))).config_from_dict(fields)
-    return config, restored["trainable_params"]
+        parameterization = meta.get(checkpoint_lib.META_PARAMETERIZATION) or parameterization
+    return config, restored["trainable_params"], parameterization
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig | None, Any]:
+def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[ModelConfig | None, Any]:
     """(config or None, float32 params in the unscanned layout) of a checkpoint directory.
 
-    The config is None only for a trainer step directory written without one in its meta.
+    The config is None only for a trainer step directory written without one in its meta. A
+    LoRA run's step directory holds adapters only: they are merged into ``base_params`` (the
+    unscanned float32 params of the series' base).
+
+    Raises:
+      ValueError: a LoRA step directory without ``base_params``, or a parameterization this
+        analysis does not know.
     """
     from effopd_jax import convert
+    from effopd_jax import lora as lora_lib
 
     fmt = checkpoint_format(path)
     if fmt == "hf":
         config, params = models.load_hf(path, param_dtype=jnp.float32, scan_layers=False)
         return config, params
+    parameterization = {"name": "full"}
     if fmt == "orbax":
         config, params = convert.load_orbax(path)
     else:
-        config, params = _restore_run_checkpoint(os.fspath(path))
+        config, params, parameterization = _restore_run_checkpoint(os.fspath(path))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    if config is None:
-        return None, unscanned(params)
-    flat = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
-    if config.scan_layers:  # through the layout's tensor names: any family's grouping of layers
-        params = models.relayout_params(params, dataclasses.replace(config, param_dtype=jnp.float32), flat)
+    flat = None if config is None else dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
+    scanned = None if config is None or not config.scan_layers else dataclasses.replace(config, param_dtype=jnp.float32)
+    name = parameterization.get("name")
+    if name == "lora":
+        if base_params is None:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} holds LoRA adapters only (rank {parameterization.get('rank')}); "
+                "put the base model the run started from (its HF or orbax directory) first, the adapters are "
+                "merged into it")
+        scale = float(parameterization["alpha"]) / float(parameterization["rank"])
+        if scanned is not None:  # merge in the adapters' (scanned) layout: any family's grouping of layers
+            merged = lora_lib.merge_adapters(models.relayout_params(base_params, flat, scanned), params, scale)
+            params = models.relayout_params(merged, scanned, flat)
+        else:
+            params = lora_lib.merge_adapters(base_params, unscanned(params), scale)
+    elif name != "full":
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: its meta names the parameterization {name!r}, which "
+                         "the analysis cannot turn into model params (it knows 'full' and 'lora')")
+    elif scanned is not None:  # through the layout's tensor names: any family's grouping of layers
+        params = models.relayout_params(params, scanned, flat)
+    else:
+        params = unscanned(params)
     return flat, params
 
 
@@ -323,7 +357,7 @@ def analyze(
 
     def load(i: int):
         start = time.perf_counter()
-        configs[i], params = load_checkpoint(paths[i])
+        configs[i], params = load_checkpoint(paths[i], base_params)
         if i:  # every checkpoint against the base
             check_same_architecture([configs[0], configs[i]], [names[0], names[i]])
             check_same_shapes(base_params, params, (names[0], names[i]))
@@ -337,7 +371,7 @@ def analyze(
     if model_config is None:
         # Only trainer step directories written without a model config in their meta.
         for i in range(1, len(paths) - 1):
-            model_config = load_checkpoint(paths[i])[0]
+            model_config = load_checkpoint(paths[i], base_params)[0]
             if model_config is not None:
                 break
     if model_config is None:

@@ -26,6 +26,10 @@ PyTree = Any
 # The meta item of every trainer checkpoint carries the student's model config
 # (``config.to_dict()``) under this key, so a step directory can be read on its own.
 META_MODEL_CONFIG = "student_model_config"
+# ... and the parameterization's ``to_dict()`` under this one (``{"name": "full"}``, or LoRA's rank,
+# alpha and modules), so that the analysis knows whether ``trainable_params`` is the whole student
+# or adapters to merge into a base.
+META_PARAMETERIZATION = "parameterization"
 
 
 class RunCheckpointer:

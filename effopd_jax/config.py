@@ -24,8 +24,10 @@ from typing import Any
 
 import ml_collections
 
+from effopd_jax import published_configs
 from effopd_jax.config_schema import (
     AllOf,
+    AnyOf,
     Bool,
     Choice,
     Entries,
@@ -34,14 +36,19 @@ from effopd_jax.config_schema import (
     Greater,
     Identifier,
     Int,
+    LongerThan,
     ModelPath,
     NonEmpty,
     NotEquals,
+    NotRead,
     OptionalPath,
     PromptFiles,
+    PromptTemplate,
     Real,
     Retired,
+    Strings,
     StrKeyedMapping,
+    Text,
     check_settings,
     is_group,
     markdown_table,
@@ -56,38 +63,96 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROLLOUT_ENGINES = ("static",)  # the sampler: a static KV cache, prefill + lax.while_loop decode
 INIT_MODES = ("checkpoint", "random")
+# lora.EFFOPD_SPACES, repeated so that checking a config imports no jax (a test checks they agree).
+LORA_EFFOPD_SPACES = ("factors", "merged")
 BAD_ROW_MODES = ("skip", "raise")
+# Where a teacher's weights come from: its own checkpoint, or the student (self-distillation).
+TEACHER_MODELS = ("own", "student_initial", "student_live")
+ROUTING_MODES = ("data_source", "mixture")
+MISSING_SOLUTION_MODES = ("skip", "raise")
+CONTEXT_PLACEHOLDERS = ("problem", "solution")
+# Our wording of the authors' privileged prompt for self-distillation (docs/opd_loss.md#context-distillation):
+# the problem, a reference solution, and an instruction to solve the problem in its own way.
+DEFAULT_CONTEXT_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution:\n{solution}\n\n"
+    "Now that you have read the reference solution, solve the problem yourself, in your own way."
+)
 PROMPT_FILE_SUFFIXES = (".jsonl", ".parquet")
 MAX_SEED = 2**32 - 1
 
 
-def _model_fields(group: str, *, param_dtype: str) -> tuple[Field, ...]:
+def _model_fields(group: str, *, param_dtype: str, applies_when=None) -> tuple[Field, ...]:
     """The fields every model has: where its weights come from and the dtypes / layout it runs in.
 
     ``group`` prefixes the names (``"student."``, or ``""`` inside a teacher entry); ``init`` comes
-    before ``path`` because which paths are allowed depends on it.
+    before ``path`` because which paths are allowed depends on it. ``applies_when``: when the
+    model has weights of its own at all (a teacher that is the student has none); None: always.
     """
     random_init = Equals(f"{group}init", "random")
+
+    def only(condition):
+        if applies_when is None:
+            return condition
+        return applies_when if condition is None else AllOf((applies_when, condition))
+
     return (
         Field(f"{group}init", "checkpoint", Choice(INIT_MODES),
               "`checkpoint`: load the weights at `path`; `random`: random weights of `path`'s "
-              "architecture (smoke runs, memory plans)"),
-        Field(f"{group}path", "", ModelPath(config_file_when=random_init),
-              "HF checkpoint directory (config.json + safetensors), or with `init='random'` an HF config.json"),
-        Field(f"{group}init_seed", 0, Int(0, MAX_SEED), "seed of the random weights", applies_when=random_init),
-        Field(f"{group}param_dtype", param_dtype, Choice(DTYPES), "dtype the weights are held in"),
-        Field(f"{group}compute_dtype", "bfloat16", Choice(DTYPES), "dtype of activations and matmuls"),
+              "architecture (smoke runs, memory plans)", applies_when=only(None)),
+        Field(f"{group}path", "", ModelPath(config_file_when=random_init, required_when=applies_when),
+              "HF checkpoint directory (config.json + safetensors), or with `init='random'` an HF config.json",
+              applies_when=only(None)),
+        Field(f"{group}hf_name", "", Choice(("",) + published_configs.names()),
+              "the HF repository id of the architecture the config was written for; the memory plan "
+              "(`python -m effopd_jax.plan`, `plan_only`) takes the shapes from the bundled config of "
+              "that name when `path` is empty; `''`: none", applies_when=only(None)),
+        Field(f"{group}init_seed", 0, Int(0, MAX_SEED), "seed of the random weights", applies_when=only(random_init)),
+        Field(f"{group}param_dtype", param_dtype, Choice(DTYPES), "dtype the weights are held in",
+              applies_when=only(None)),
+        Field(f"{group}compute_dtype", "bfloat16", Choice(DTYPES), "dtype of activations and matmuls",
+              applies_when=only(None)),
         Field(f"{group}scan_layers", False, Bool(),
-              "stack the layers and `lax.scan` over them (compile time independent of depth)"),
+              "stack the layers and `lax.scan` over them (compile time independent of depth)",
+              applies_when=only(None)),
     )
 
 
 # One entry of `teachers`. Names are relative to the entry (`teachers[0].path` is "path").
+_own_model = Equals("model", "own")
+# A teacher renders its own prompt from the row's raw chat messages when any of these is set.
+_renders_own_prompt = AnyOf((NonEmpty("tokenizer"), NonEmpty("chat_template"),
+                             NotEquals("chat_template_kwargs", None), NonEmpty("context_template")))
 TEACHER_FIELDS: tuple[Field, ...] = (
     Field("name", "teacher", Identifier(), "names the teacher (in logs and metrics); unique across teachers"),
-    *_model_fields("", param_dtype="bfloat16"),
+    Field("model", "own", Choice(TEACHER_MODELS),
+          "`own`: the model at `path`; `student_initial`: the student's initial weights, frozen; "
+          "`student_live`: the student's current weights, stop-gradient, no extra parameter memory "
+          "(self-distillation; README#self-distillation-with-privileged-context)"),
+    *_model_fields("", param_dtype="bfloat16", applies_when=_own_model),
     Field("tokenizer", "", OptionalPath(directory=True),
-          "the teacher's tokenizer, checked to give the same token ids as the student's; `''`: not checked"),
+          "the teacher's tokenizer: it renders the teacher's prompts, and must map tokens to the same ids "
+          "as the student's; `''`: the student's"),
+    Field("chat_template", "", OptionalPath(directory=False),
+          "a Jinja chat-template file used for this teacher's prompts instead of its tokenizer's; `''`: the tokenizer's"),
+    Field("chat_template_kwargs", None, StrKeyedMapping(none_ok=True),
+          "variables of this teacher's chat template (e.g. `{'enable_thinking': True}`); None: "
+          "`data.chat_template_kwargs`"),
+    Field("context_template", "", PromptTemplate(CONTEXT_PLACEHOLDERS, required=("problem",)),
+          "privileged context: the row's last user turn becomes this text with `{problem}` (that turn) and "
+          "`{solution}` (the row's reference solution) filled in; `''`: the prompt as it is"),
+    Field("missing_solution", "skip", Choice(MISSING_SOLUTION_MODES),
+          "a row without a reference solution: `skip` it (counted; no loss on it) or `raise` before training",
+          applies_when=NonEmpty("context_template")),
+    Field("max_prompt_length", 0, Int(0),
+          "the static length of this teacher's own prompts (longer ones are refused); 0: `data.max_prompt_length`",
+          applies_when=_renders_own_prompt),
+    Field("data_sources", (), Strings(),
+          "routing tags (`routing.key` values) whose rows this teacher scores (`routing.mode='data_source'`)"),
+    Field("weight", 1.0, Real(low=0.0, low_open=True),
+          "weight w of this teacher in `routing.mode='mixture'` (normalised over the teachers)"),
+    Field("rows_per_forward", 0, Int(0),
+          "rows of one scoring forward when the teacher scores a subset of the step's rows (padded to this "
+          "static size); 0: the step's rows / (4 x teachers), rounded up to a multiple of the batch shards"),
 )
 
 
@@ -114,8 +179,11 @@ def _moved_to_teachers(name: str, placeholder_type: type) -> Field:
 
 
 _sampled_token = Equals("loss.name", "sampled_token")
+_several_teachers = LongerThan("teachers", 1)
+_routed_by_tag = AllOf((_several_teachers, Equals("routing.mode", "data_source")))
 _with_eval_files = NonEmpty("data.eval_files")
 _effopd_on = Equals("effopd.enabled", True)
+_lora_on = Equals("lora.enabled", True)
 
 FIELDS: tuple[Field, ...] = (
     Field("seed", 0, Int(0, MAX_SEED), "seed of the run: data order, sampling"),
@@ -124,6 +192,10 @@ FIELDS: tuple[Field, ...] = (
     Field("keep_checkpoints", 3, Int(1), "how many of the latest checkpoints to keep"),
     Field("export_hf", True, Bool(), "write the final student as HF safetensors to WORKDIR/hf"),
     Field("max_consecutive_skips", 10, Int(1), "non-finite loss / gradient skips in a row before the run stops"),
+    Field("plan_only", False, Bool(),
+          "print the memory plan of one step on this run's devices (every jitted program compiled with "
+          "abstract shapes; no weights, prompts or tokenizer read) and exit without training; exit code 1 "
+          "if a program does not fit (`python -m effopd_jax.plan` plans for a named TPU / GPU slice)"),
     *_model_fields("student.", param_dtype="float32"),
     Field("student.remat", "none", Choice(REMAT_POLICIES), "activation checkpointing policy of the student's layers"),
     Field("init_from", "", OptionalPath(directory=False),
@@ -137,8 +209,18 @@ FIELDS: tuple[Field, ...] = (
     _moved_to_teachers("scan_layers", bool),
     _moved_to_teachers("tokenizer", str),
     Field("teachers", (teacher_config(name="teacher"),), Entries(TEACHER_FIELDS, unique="name"),
-          "the teachers (exactly one for now), each a group built by `teacher_config()`",
-          default_doc="(teacher_config(name='teacher'),)"),
+          "the teachers, each a group built by `teacher_config()`; with several, `routing` says which "
+          "scores which row", default_doc="(teacher_config(name='teacher'),)"),
+    Field("routing.mode", "data_source", Choice(ROUTING_MODES),
+          "`data_source`: each row is scored by the teacher whose `data_sources` hold its tag; `mixture`: "
+          "every teacher scores every row and the teacher log-prob is log sum_j w_j pi_j",
+          applies_when=_several_teachers),
+    Field("routing.key", "data_source", Text(non_blank=True),
+          "the row field whose value is its routing tag (dotted for nested fields, e.g. "
+          "`extra_info.opd_teacher`)", applies_when=_routed_by_tag),
+    Field("routing.default_teacher", "", Text(),
+          "the teacher of rows whose tag no teacher lists; `''`: such rows are refused before training",
+          applies_when=_routed_by_tag),
     # Data.
     Field("data.train_files", (), PromptFiles(PROMPT_FILE_SUFFIXES, min_count=1), "training prompts"),
     Field("data.eval_files", (), PromptFiles(PROMPT_FILE_SUFFIXES), "evaluation prompts; `()`: no evaluation"),
@@ -148,6 +230,9 @@ FIELDS: tuple[Field, ...] = (
     Field("data.num_epochs", 0, Int(0), "passes over the training prompts; 0: as many as `total_steps` needs"),
     Field("data.chat_template_kwargs", {"enable_thinking": False}, StrKeyedMapping(),
           "variables passed to the tokenizer's chat template"),
+    Field("data.solution_key", "solution", Text(non_blank=True),
+          "the row field of its reference solution (dotted for nested fields, e.g. `extra_info.ref_solution`); "
+          "read by teachers with a `{solution}` in their `context_template`"),
     Field("data.on_bad_row", "skip", Choice(BAD_ROW_MODES),
           "a malformed prompt row: `skip` (and count) it, or `raise` naming file:line"),
     Field("data.max_eval_prompts", 0, Int(0), "evaluate on the first N eval prompts; 0: all",
@@ -202,6 +287,25 @@ FIELDS: tuple[Field, ...] = (
           applies_when=_effopd_on),
     Field("effopd.val_temperature", 1.0, Real(low=0.0), "sampling temperature when scoring; 0: greedy",
           applies_when=_effopd_on),
+    # LoRA students.
+    Field("lora.enabled", False, Bool(),
+          "train low-rank adapters on a frozen base instead of every weight (README \"LoRA students\")"),
+    Field("lora.rank", 8, Int(1), "r of the adapters A [in, r], B [r, out]; at most min(in, out) of every adapted "
+          "matrix", applies_when=_lora_on),
+    Field("lora.alpha", 16.0, Real(low=0.0, low_open=True), "the adapted kernel is W + (alpha / rank)·A·B",
+          applies_when=_lora_on),
+    Field("lora.dropout", 0.0, Real(low=0.0, high=1.0, high_open=True),
+          "must be 0: dropout on the adapters' input would score each token under a random sub-policy, "
+          "not the on-policy student (docstring of effopd_jax/lora.py)", applies_when=_lora_on),
+    Field("lora.target", (), Strings(),
+          "matrix modules to adapt, as the model's layout names them (`self_attn/q_proj`) or by their last "
+          "part (`q_proj`); `()`: every attention and MLP projection", applies_when=_lora_on),
+    Field("lora.base_dtype", "bfloat16", Choice(DTYPES),
+          "dtype the frozen base is held in (the adapters are in `student.param_dtype`)", applies_when=_lora_on),
+    Field("lora.effopd_space", "factors", Choice(LORA_EFFOPD_SPACES),
+          "what EffOPD extrapolates: the factors A and B (`factors`), or the merged update A·B, re-factored to "
+          "rank r (`merged`; exact when the extrapolated product has rank <= r)",
+          applies_when=AllOf((_lora_on, _effopd_on))),
     # Evaluation.
     Field("eval_every", 0, Int(0), "evaluate every N steps; 0: only at the end", applies_when=_with_eval_files),
     Field("eval.samples_per_prompt", 1, Int(1), "samples per eval prompt (mean@n, pass@n)",
@@ -230,7 +334,11 @@ GROUP_DOCS: Mapping[str, str] = {
     "": "Settings outside any group: run length, checkpoints, initial weights, the teachers, eval cadence.",
     "student": "The model being trained.",
     "teachers[i]": "Each entry of `teachers`, a group built by `teacher_config(**overrides)`. On the command "
-    "line: `'--config.teachers[0].path=...'` (quoted: `[0]` is a glob pattern to the shell).",
+    "line: `'--config.teachers[0].path=...'` (quoted: `[0]` is a glob pattern to the shell). A teacher is "
+    "its own model (`model='own'`) or the student (`student_initial`, `student_live`); it scores the "
+    "student's prompt ids, or renders its own prompt from the row's raw chat messages when it has its own "
+    "`tokenizer`, `chat_template`, `chat_template_kwargs` or `context_template` (README#teachers-with-their-own-chat-template).",
+    "routing": "Which teacher scores which row when there are several (README#several-teachers).",
     "teacher": "Retired: the single teacher of earlier versions. Any value but `None` is refused with "
     "a message naming its new place; a config without the group is fine.",
     "data": "Prompt files (JSONL or Parquet: `prompt` or `messages`, `answer` or the verl layout).",
@@ -238,6 +346,9 @@ GROUP_DOCS: Mapping[str, str] = {
     "loss": "The distillation loss.",
     "optimizer": "AdamW with global-norm clipping.",
     "effopd": "EffOPD: extrapolated updates scored on a validation set.",
+    "lora": "LoRA students: low-rank adapters A (random) and B (zeros) on a frozen base. Only the adapters are "
+    "trained, held by the optimizer and EffOPD, and checkpointed; the run exports the merged student (`hf/`) and "
+    "the adapters in PEFT's format (`peft/`).",
     "eval": "Evaluation on `data.eval_files`.",
     "mesh": "Device mesh; at most one axis may be -1.",
     "monitor": "Foresight metrics of the weight updates.",
@@ -253,19 +364,54 @@ GROUP_DOCS: Mapping[str, str] = {
 
 @dataclasses.dataclass(frozen=True)
 class CrossRule:
-    """A rule over several fields; ``field`` is the one its message names."""
+    """A rule over several fields; ``field`` is the one its message names, unless the violation
+    names a more precise one: ``(field, message)``, e.g. ``("teachers[1].weight", "...")``."""
 
     field: str
     doc: str
-    violation: Callable[[Mapping[str, Any]], str | None]
+    violation: Callable[[Mapping[str, Any]], str | tuple[str, str] | None]
 
 
-def _one_teacher(values: Mapping[str, Any]) -> str | None:
-    count = len(values["teachers"])
-    if count == 1:
+def _several_teachers_need_sampled_token(values: Mapping[str, Any]) -> str | None:
+    teachers = values["teachers"]
+    if len(teachers) > 1 and values["loss.name"] != "sampled_token":
+        return (f"{len(teachers)} teachers need loss.name='sampled_token' (the routed or mixed log-probs of "
+                f"teachers of different widths are one array; their hidden states are not), got {values['loss.name']!r}")
+    return None
+
+
+def _routing_settings_of_each_teacher(values: Mapping[str, Any]) -> str | None:
+    """A teacher's `data_sources` / `weight` are read only by the routing mode they belong to."""
+    teachers = values["teachers"]
+    mode = values["routing.mode"] if len(teachers) > 1 else None
+    for index, teacher in enumerate(teachers):
+        if teacher["data_sources"] and mode != "data_source":
+            why = "one teacher scores every row" if mode is None else "routing.mode='mixture' scores every row"
+            return (f"teachers[{index}].data_sources",
+                    f"only used with routing.mode='data_source' and several teachers ({why}); leave it ()")
+        if teacher["weight"] != 1.0 and mode != "mixture":
+            return f"teachers[{index}].weight", "only used with routing.mode='mixture' and several teachers; leave it 1.0"
+    return None
+
+
+def _routing_tags(values: Mapping[str, Any]) -> str | None:
+    teachers = values["teachers"]
+    if len(teachers) < 2 or values["routing.mode"] != "data_source":
         return None
-    names = [teacher["name"] for teacher in values["teachers"]]
-    return f"exactly one teacher is supported for now (several come later), got {count}: {names}"
+    names = [teacher["name"] for teacher in teachers]
+    default = values["routing.default_teacher"]
+    if default and default not in names:
+        return "routing.default_teacher", f"{default!r} is not one of the teachers {names}"
+    owner: dict[str, str] = {}
+    for teacher in teachers:
+        for tag in teacher["data_sources"]:
+            if tag in owner:
+                return f"the tag {tag!r} is listed by both {owner[tag]!r} and {teacher['name']!r}; a row has one teacher"
+            owner[tag] = teacher["name"]
+        if not teacher["data_sources"] and teacher["name"] != default:
+            return (f"teacher {teacher['name']!r} lists no data_sources and is not routing.default_teacher, "
+                    "so no row would reach it")
+    return None
 
 
 def _effopd_has_val_files(values: Mapping[str, Any]) -> str | None:
@@ -281,10 +427,22 @@ def _one_free_mesh_axis(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _no_lora_dropout(values: Mapping[str, Any]) -> str | None:
+    if values["lora.dropout"] != 0.0:
+        return (f"must be 0, got {values['lora.dropout']}: the OPD loss scores every sampled token under the student "
+                "that sampled it, and dropout on the adapters' input would make that a random sub-policy")
+    return None
+
+
 CROSS_RULES: tuple[CrossRule, ...] = (
-    CrossRule("teachers", "exactly one teacher for now (several come with a later version)", _one_teacher),
+    CrossRule("teachers", "several teachers need `loss.name='sampled_token'`", _several_teachers_need_sampled_token),
+    CrossRule("teachers", "`teachers[i].data_sources` only with `routing.mode='data_source'` and several teachers; "
+              "`teachers[i].weight` only with `routing.mode='mixture'`", _routing_settings_of_each_teacher),
+    CrossRule("routing", "with `routing.mode='data_source'`: a tag belongs to one teacher, every teacher lists tags "
+              "or is `routing.default_teacher`, which names a teacher or is `''`", _routing_tags),
     CrossRule("effopd.val_files", "`effopd.enabled` needs a non-empty `effopd.val_files`", _effopd_has_val_files),
     CrossRule("mesh", "at most one of `mesh.data`, `mesh.fsdp`, `mesh.tensor` is -1", _one_free_mesh_axis),
+    CrossRule("lora.dropout", "`lora.dropout` is 0 (LoRA dropout is refused for on-policy log-probs)", _no_lora_dropout),
 )
 
 
@@ -311,7 +469,24 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
+# What a memory plan's checks see for every prompt-file field: files that are given but not read.
+PLAN_PROMPT_FILES = ("<prompt file, not read by the plan>",)
+
+
+def _plan_fields(fields: tuple[Field, ...]) -> tuple[Field, ...]:
+    """``fields`` with every path checked for its type only (:class:`NotRead`), teachers included."""
+
+    def plan_kind(kind):
+        if isinstance(kind, (ModelPath, OptionalPath, PromptFiles)):
+            return NotRead(kind)
+        if isinstance(kind, Entries):
+            return dataclasses.replace(kind, fields=_plan_fields(kind.fields))
+        return kind
+
+    return tuple(dataclasses.replace(field, kind=plan_kind(field.kind)) for field in fields)
+
+
+def validate_config(c: ml_collections.ConfigDict, *, for_plan: bool = False) -> None:
     """Checks every field against the schema, then the rules across fields.
 
     Runs before anything is loaded or compiled. Integers must be ints (not bools or floats) within
@@ -321,16 +496,30 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     normalisation: a digit string in ``effopd.trigger`` (what the command line delivers) is
     replaced by its int, in place.
 
+    Args:
+      c: the config.
+      for_plan: the checks of a memory plan (``effopd_jax.plan``, ``plan_only``), which reads no
+        weights, prompts or tokenizer: paths are checked for their type only (a model's ``path``
+        may be empty; the plan then needs its ``hf_name``), and every prompt-file field counts as
+        given, so the evaluation and EffOPD settings that need files are checked as if they were
+        set (a shipped config that leaves the files to the user plans as it is).
+
     Raises:
       ValueError: the message starts ``config.<field>: `` (``config.teachers[0].path: ``).
     """
     if not is_group(c):
         raise ValueError(f"config: must be a ConfigDict, got {show(c)}")
-    values = check_settings(c, FIELDS)
+    if for_plan:
+        assume = {field.name: PLAN_PROMPT_FILES for field in FIELDS if isinstance(field.kind, PromptFiles)}
+        values = check_settings(c, _plan_fields(FIELDS), assume=assume)
+        values.update(assume)
+    else:
+        values = check_settings(c, FIELDS)
     for rule in CROSS_RULES:
         problem = rule.violation(values)
         if problem:
-            raise ValueError(f"config.{rule.field}: {problem}")
+            field, problem = problem if isinstance(problem, tuple) else (rule.field, problem)
+            raise ValueError(f"config.{field}: {problem}")
 
 
 def markdown_reference() -> str:

@@ -148,7 +148,37 @@ class AllOf:
         return " and ".join(condition.describe(prefix) for condition in self.conditions)
 
 
-Condition = Union[Equals, NotEquals, Greater, NonEmpty, AllOf]
+@dataclasses.dataclass(frozen=True)
+class AnyOf:
+    """Holds when at least one of ``conditions`` holds."""
+
+    conditions: tuple[Condition, ...]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for condition in self.conditions for f in condition.fields))
+
+    def holds(self, read: Read) -> bool:
+        return any(condition.holds(read) for condition in self.conditions)
+
+    def describe(self, prefix: str = "") -> str:
+        return " or ".join(condition.describe(prefix) for condition in self.conditions)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongerThan(_OnField):
+    """Holds when ``field`` (a sequence) has more than ``count`` items."""
+
+    count: int
+
+    def holds(self, read: Read) -> bool:
+        return len(read(self.field)) > self.count
+
+    def describe(self, prefix: str = "") -> str:
+        return f"more than {self.count} {prefix}{self.field}"
+
+
+Condition = Union[Equals, NotEquals, Greater, NonEmpty, AllOf, AnyOf, LongerThan]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +292,7 @@ class Choice:
         return value
 
     def describe(self, prefix: str = "") -> str:
-        return " / ".join(f"`{choice}`" for choice in self.choices)
+        return " / ".join(f"`{choice}`" if choice else "`''`" for choice in self.choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +340,12 @@ class ModelPath:
     """
 
     config_file_when: Condition
+    required_when: Condition | None = None  # None: always required; otherwise `''` is fine while it fails
 
     def check(self, value: Any, read: Read, where: str) -> str:
         path = _string(value)
+        if not path and self.required_when is not None and not self.required_when.holds(read):
+            return path
         config_file_ok = self.config_file_when.holds(read)
         if not path:
             also = " or a config .json file" if config_file_ok else ""
@@ -327,7 +360,10 @@ class ModelPath:
 
     def describe(self, prefix: str = "") -> str:
         when = self.config_file_when.describe(prefix)
-        return f"HF checkpoint directory (with config.json); with {when} also a config `.json` file"
+        text = f"HF checkpoint directory (with config.json); with {when} also a config `.json` file"
+        if self.required_when is not None:
+            text += f"; `''` unless {self.required_when.describe(prefix)}"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,10 +394,33 @@ class PromptFiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class NotRead:
+    """A path field checked for a run that reads no files (a memory plan: no weights, prompts or
+    tokenizer): only the type ``kind`` wants is checked (a string; for :class:`PromptFiles` a
+    tuple of strings), not that anything exists."""
+
+    kind: OptionalPath | ModelPath | PromptFiles
+
+    def check(self, value: Any, read: Read, where: str) -> str | tuple[str, ...]:
+        if isinstance(self.kind, PromptFiles):
+            if not isinstance(value, (tuple, list)) or not all(isinstance(path, str) for path in value):
+                raise Refused(f"must be a tuple of file paths, got {_typed(value)}")
+            return tuple(value)
+        return _string(value)
+
+    def describe(self, prefix: str = "") -> str:
+        return self.kind.describe(prefix)
+
+
+@dataclasses.dataclass(frozen=True)
 class StrKeyedMapping:
-    """A mapping (dict or ConfigDict) whose keys are all strings."""
+    """A mapping (dict or ConfigDict) whose keys are all strings; or None if ``none_ok``."""
+
+    none_ok: bool = False
 
     def check(self, value: Any, read: Read, where: str) -> Any:
+        if value is None and self.none_ok:
+            return None
         try:
             # A ConfigDict sorts its keys to list them, which fails (TypeError) on mixed key types.
             keys = list(value.keys()) if is_group(value) else None
@@ -372,7 +431,63 @@ class StrKeyedMapping:
         return value
 
     def describe(self, prefix: str = "") -> str:
-        return "mapping of names (str) to values"
+        return "mapping of names (str) to values" + (" or `None`" if self.none_ok else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A string; ``non_blank``: with at least one non-whitespace character."""
+
+    non_blank: bool = False
+
+    def check(self, value: Any, read: Read, where: str) -> str:
+        text = _string(value)
+        if self.non_blank and not text.strip():
+            raise Refused("must not be blank")
+        return text
+
+    def describe(self, prefix: str = "") -> str:
+        return "non-blank string" if self.non_blank else "string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Strings:
+    """A tuple (or list) of distinct non-blank strings. A bare string is refused: it is not a list
+    of one name but a sequence of characters."""
+
+    def check(self, value: Any, read: Read, where: str) -> tuple[str, ...]:
+        if not isinstance(value, (tuple, list)):
+            raise Refused(f"must be a tuple of strings, got {_typed(value)}")
+        for item in value:
+            if not (isinstance(item, str) and item.strip()):
+                raise Refused(f"every entry must be a non-blank string, got {show(item)}")
+        if len(set(value)) != len(value):
+            raise Refused(f"has repeated entries: {show(value)}")
+        return tuple(value)
+
+    def describe(self, prefix: str = "") -> str:
+        return "tuple of distinct non-blank strings"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """``''`` (none) or a string holding every one of ``required`` as ``{name}``; the only
+    placeholders replaced are those of ``placeholders``, every other brace is literal text."""
+
+    placeholders: tuple[str, ...]
+    required: tuple[str, ...]
+
+    def check(self, value: Any, read: Read, where: str) -> str:
+        text = _string(value)
+        missing = [name for name in self.required if "{" + name + "}" not in text]
+        if text and missing:
+            raise Refused(f"must contain {', '.join('{' + name + '}' for name in missing)}, got {show(text)}")
+        return text
+
+    def describe(self, prefix: str = "") -> str:
+        names = ", ".join(f"`{{{name}}}`" for name in self.placeholders)
+        required = ", ".join(f"`{{{name}}}`" for name in self.required)
+        return f"`''` or a string with {required} (placeholders: {names})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +547,8 @@ class Entries:
 
 
 Kind = Union[
-    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, StrKeyedMapping, Retired, Entries
+    Int, Real, Bool, Choice, Identifier, OptionalPath, ModelPath, PromptFiles, NotRead, StrKeyedMapping, Retired,
+    Entries, Text, Strings, PromptTemplate,
 ]
 
 
@@ -523,7 +639,8 @@ def _store(holder: Any, key: str, value: Any) -> None:
         holder[key] = value
 
 
-def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict[str, Any]:
+def check_settings(node: Any, fields: Sequence[Field], prefix: str = "", *,
+                   assume: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Checks ``node`` (a ConfigDict or mapping) against the table ``fields``.
 
     In order: no unknown keys (anywhere in the table's groups), every field present and of its
@@ -534,6 +651,8 @@ def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict
       node: the settings.
       fields: the table.
       prefix: how messages name ``node`` (``"teachers[0]."``; ``""`` for the root).
+      assume: values the ``applies_when`` conditions see instead of the checked ones (a memory
+        plan counts prompt files as given: the run will need them, the plan does not read them).
 
     Returns:
       ``{field name: checked value}``.
@@ -566,9 +685,12 @@ def check_settings(node: Any, fields: Sequence[Field], prefix: str = "") -> dict
             _store(holder, key, checked)
         values[field.name] = checked
 
+    def read_assumed(name: str) -> Any:
+        return assume[name] if assume and name in assume else read(name)
+
     for field in fields:
         condition = field.applies_when
-        if condition is None or field.name not in values or condition.holds(read):
+        if condition is None or field.name not in values or condition.holds(read_assumed):
             continue
         if not _same(values[field.name], field.default):
             now = ", ".join(

@@ -29,7 +29,12 @@ Accepted row formats (field names are configurable):
 
 ``answer`` may be a string or a number (an integer/float is kept as its decimal text);
 ``data_source`` is optional (``default_data_source`` fills it; it selects the grader,
-:func:`effopd_jax.grading.grade`).
+:func:`effopd_jax.grading.grade`). Two optional fields feed the teachers
+(:mod:`effopd_jax.teachers`): ``solution`` (``solution_key``; a reference solution a
+self-distillation teacher reads in its privileged prompt; the bundled GSM8K file has one per row,
+the authors' Parquet files keep it in ``extra_info.ref_solution``) and the routing tag
+(``route_key``; by default the row's ``data_source``, the authors' per-row teacher tag is
+``extra_info.opd_teacher``).
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class PromptExample:
       messages: the chat messages the template was applied to.
       answer: the reference answer, or None when the load did not require one.
       data_source: which dataset the row belongs to (selects the grader).
+      solution: the row's reference solution (``solution_key``), or None when it has none.
+      route_tag: the value that routes the row to a teacher (``route_key``; the ``data_source``
+        by default), or None when the row has no such field.
     """
 
     example_id: int
@@ -86,6 +94,8 @@ class PromptExample:
     messages: Messages
     answer: str | None
     data_source: str
+    solution: str | None = None
+    route_tag: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +109,8 @@ class PromptBatch:
       answers: reference answers (None where not required).
       data_sources: per-prompt data source.
       example_ids: ``[batch]`` int64, :attr:`PromptExample.example_id` of each prompt.
+      solutions: per-prompt reference solution (None where the row has none).
+      route_tags: per-prompt routing tag (:attr:`PromptExample.route_tag`).
     """
 
     prompt_token_ids: list[np.ndarray]
@@ -107,9 +119,31 @@ class PromptBatch:
     answers: list[str | None]
     data_sources: list[str]
     example_ids: np.ndarray
+    solutions: list[str | None] = dataclasses.field(default_factory=list)
+    route_tags: list[str | None] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
+
+    def repeat(self, times: int) -> PromptBatch:
+        """Every prompt ``times`` times in a row (the rows of one prompt adjacent): the rows of a
+        step with ``times`` samples per prompt."""
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+
+        def rows(values):
+            return [value for value in values for _ in range(times)]
+
+        return PromptBatch(
+            prompt_token_ids=rows(self.prompt_token_ids),
+            prompt_texts=rows(self.prompt_texts),
+            messages=rows(self.messages),
+            answers=rows(self.answers),
+            data_sources=rows(self.data_sources),
+            example_ids=np.repeat(self.example_ids, times),
+            solutions=rows(self.solutions),
+            route_tags=rows(self.route_tags),
+        )
 
 
 def batch_examples(examples: Sequence[PromptExample]) -> PromptBatch:
@@ -121,6 +155,8 @@ def batch_examples(examples: Sequence[PromptExample]) -> PromptBatch:
         answers=[e.answer for e in examples],
         data_sources=[e.data_source for e in examples],
         example_ids=np.asarray([e.example_id for e in examples], dtype=np.int64),
+        solutions=[e.solution for e in examples],
+        route_tags=[e.route_tag for e in examples],
     )
 
 
@@ -374,6 +410,19 @@ def _row_to_fields(
     return messages, answer, _check_text(data_source, data_source_key)
 
 
+def _optional_text(row: Mapping[str, Any], key: str) -> str | None:
+    """The string at ``key`` (dotted for nested fields), or None when it is missing, null or blank;
+    any other type makes the row malformed (:class:`_BadRow`)."""
+    try:
+        value = _lookup(row, key)
+    except KeyError:
+        return None
+    if not isinstance(value, str):
+        raise _BadRow(f"'{key}' must be a string, got {type(value).__name__}")
+    value = _check_text(value, key)
+    return value if value.strip() else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +443,7 @@ def render_prompt(
     *,
     use_chat_template: bool = True,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """The prompt text the model sees: the chat template with the generation prompt appended.
 
@@ -404,6 +454,7 @@ def render_prompt(
         models, synthetic tasks).
       chat_template_kwargs: extra template variables; None means
         :data:`DEFAULT_CHAT_TEMPLATE_KWARGS` (``enable_thinking=False``), ``{}`` means none.
+      chat_template: a Jinja template used instead of the tokenizer's own (None: the tokenizer's).
     """
     if not use_chat_template:
         if len(messages) != 1 or messages[0]["role"] != "user":
@@ -416,6 +467,7 @@ def render_prompt(
             messages,
             tokenize=False,
             add_generation_prompt=True,
+            **({} if chat_template is None else {"chat_template": chat_template}),
             **dict(DEFAULT_CHAT_TEMPLATE_KWARGS if chat_template_kwargs is None else chat_template_kwargs),
         )
     except jinja2.TemplateError as e:  # e.g. a template that rejects the role order
@@ -438,6 +490,8 @@ def load_prompts(
     add_special_tokens: bool = False,
     on_bad_row: OnBadRow = "skip",
     max_examples: int | None = None,
+    solution_key: str = "solution",
+    route_key: str | None = None,
 ) -> tuple[list[PromptExample], PromptFileStats]:
     """Reads, checks, templates, tokenizes and length-filters every row of the prompt files.
 
@@ -456,6 +510,10 @@ def load_prompts(
         writes its special tokens, so the default is False.
       on_bad_row: ``"skip"`` malformed rows (counted, first reasons kept) or ``"raise"`` on the first.
       max_examples: keep only the first this-many kept examples (None: all).
+      solution_key: the field of a row's reference solution (dotted for nested fields, e.g.
+        ``"extra_info.ref_solution"``); kept as :attr:`PromptExample.solution`.
+      route_key: the field whose value routes the row to a teacher (dotted for nested fields);
+        None: the row's ``data_source``. Kept as :attr:`PromptExample.route_tag`.
 
     Returns:
       ``(examples, stats)``: the kept examples in file order and what was dropped.
@@ -491,6 +549,8 @@ def load_prompts(
       or null answer is malformed only when ``require_answer``.
     * ``data_source_key``: missing or null takes ``default_data_source``; otherwise it must be a
       non-blank string.
+    * ``solution_key`` and ``route_key`` are optional: missing, null or blank gives None; any
+      value that is not a string is malformed.
     * The chat template may also refuse a row (a ``jinja2.TemplateError``): malformed.
 
     Malformed rows are skipped and counted in :attr:`PromptFileStats.num_malformed` (the first
@@ -517,7 +577,7 @@ def load_prompts(
     rows = [row for path in files for row in _read_rows(path)]
 
     malformed: list[str] = []
-    parsed: list[tuple[str, Messages, str | None, str, str]] = []
+    parsed: list[tuple[str, Messages, str | None, str, str, str | None, str | None]] = []
     for origin, row in rows:
         try:
             messages, answer, data_source = _row_to_fields(
@@ -529,6 +589,8 @@ def load_prompts(
                 default_data_source=default_data_source,
                 require_answer=require_answer,
             )
+            solution = _optional_text(row, solution_key)
+            route_tag = data_source if route_key is None else _optional_text(row, route_key)
             text = render_prompt(
                 tokenizer,
                 messages,
@@ -540,7 +602,7 @@ def load_prompts(
                 raise ValueError(f"{origin}: malformed row: {e}") from None
             malformed.append(f"{origin}: {e}")
             continue
-        parsed.append((origin, messages, answer, data_source, text))
+        parsed.append((origin, messages, answer, data_source, text, solution, route_tag))
 
     # One batched call: the Rust tokenizer is much faster on a list than row by row.
     texts = [p[4] for p in parsed]
@@ -548,7 +610,7 @@ def load_prompts(
 
     examples: list[PromptExample] = []
     num_too_long = 0
-    for (origin, messages, answer, data_source, text), ids in zip(parsed, token_ids):
+    for (origin, messages, answer, data_source, text, solution, route_tag), ids in zip(parsed, token_ids):
         if len(ids) > max_prompt_length:
             num_too_long += 1
             continue
@@ -561,6 +623,8 @@ def load_prompts(
                 messages=messages,
                 answer=answer,
                 data_source=data_source,
+                solution=solution,
+                route_tag=route_tag,
             )
         )
     if max_examples is not None:

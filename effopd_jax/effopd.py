@@ -685,6 +685,7 @@ def effopd_host_search(
     *,
     score_fn: ScoreFn,
     updates: optax.Updates | None = None,
+    extrapolate: Callable[[optax.Params, PyTree, jax.Array], optax.Params] | None = None,
 ) -> tuple[optax.Params, PyTree, EffOPDSearchReport]:
     """Runs the EffOPD search with an arbitrary Python scorer (sampling, answer checking, ...).
 
@@ -717,6 +718,11 @@ def effopd_host_search(
       score_fn: ``score_fn(params) -> float`` (higher is better), called 1 to K + 1 times with
         candidate parameter trees (device arrays, no Variables); scores are compared in float32.
       updates: see above (arrays or nnx Variables).
+      extrapolate: ``extrapolate(θ, anchor, m) -> candidate`` replacing the rule's
+        θ_B + m·(θ − θ_B) (``anchor`` holds ``optax.MaskedNode()`` off the filter), e.g.
+        ``effopd_jax.lora.LoRA.effopd_extrapolation()`` (low-rank adapters extrapolated in the merged
+        space). The accepted candidate becomes the params and, on the filtered leaves, the anchor.
+        Default None: the rule above (and, with ``updates``, bit-identity with the jit driver).
 
     Returns:
       ``(new_params, new_opt_state, report)``: the accepted point (θ itself on rollback), the
@@ -740,7 +746,10 @@ def effopd_host_search(
     carry = _search_start_jit(_as_score(score_fn(theta)), num_candidates)
     while not bool(jax.device_get(carry.done)):
         multiplier = multipliers[int(jax.device_get(carry.num_scored))]
-        candidate = _candidate_point_jit(params, updates, state.anchor, multiplier)
+        if extrapolate is None:
+            candidate = _candidate_point_jit(params, updates, state.anchor, multiplier)
+        else:
+            candidate = extrapolate(theta, state.anchor, multiplier)
         score = _as_score(score_fn(candidate))
         del candidate  # free it before the next candidate is built
         carry = _search_advance_jit(carry, score)
@@ -748,6 +757,8 @@ def effopd_host_search(
     best_index = int(jax.device_get(carry.best_index))
     if best_index == 0:
         new_params = theta  # rollback: θ exactly
+    elif extrapolate is not None:
+        new_params = extrapolate(theta, state.anchor, multipliers[best_index - 1])
     elif updates is None:
         new_params = _candidate_point_jit(params, None, state.anchor, multipliers[best_index - 1])
     else:

@@ -44,6 +44,9 @@ class OPDBatch(NamedTuple):
       teacher_head: ``[teacher_hidden, vocab]`` the teacher's output projection (hidden-state
         objectives), or None.
       base_logprobs: ``[rows, max_new_tokens]`` float32 of G-OPD's reference model pi_B, or None.
+      teacher_rows: ``[rows, teachers]`` bool, which routed teacher scored each row (several
+        teachers routed by tag, :class:`effopd_jax.teachers.TeacherSet`), or None. Only read for
+        the per-teacher reverse-KL metrics; the loss reads ``teacher_logprobs`` alone.
     """
 
     prompt_ids: jax.Array
@@ -55,6 +58,7 @@ class OPDBatch(NamedTuple):
     teacher_hidden: jax.Array | None = None
     teacher_head: jax.Array | None = None
     base_logprobs: jax.Array | None = None
+    teacher_rows: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +140,37 @@ def response_logprobs(config: ModelConfig, params: PyTree, prompt_ids: jax.Array
 # ---------------------------------------------------------------------------------------------
 
 
+# Metrics of the sampled-token objective when the batch says which routed teacher scored each row
+# (``batch.teacher_rows``): per teacher, sums (not means), so that micro-batches can be added up.
+TEACHER_REVERSE_KL_SUM = "teacher_reverse_kl_sum"
+TEACHER_NUM_TOKENS = "teacher_num_tokens"
+
+
+def per_teacher_reverse_kl_sums(student_logprobs: jax.Array, teacher_logprobs: jax.Array, mask: jax.Array,
+                                teacher_rows: jax.Array) -> dict[str, jax.Array]:
+    """Per routed teacher j: the sum over its rows' valid tokens of ``sg(s) - T`` and their count,
+    two ``[teachers]`` float32 (``reverse_kl/<name>`` is their ratio). ``teacher_rows``
+    ``[rows, teachers]`` bool; the other arrays ``[rows, T]``."""
+    kl = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(student_logprobs) - teacher_logprobs, 0.0), axis=1)
+    tokens = jnp.sum(mask, axis=1).astype(jnp.float32)
+    rows = teacher_rows.astype(jnp.float32)
+    return {TEACHER_REVERSE_KL_SUM: jnp.sum(kl[:, None] * rows, axis=0),
+            TEACHER_NUM_TOKENS: jnp.sum(tokens[:, None] * rows, axis=0)}
+
+
 def _sampled_token(student_hidden, student_head, batch: OPDBatch, settings: LossSettings):
     student_logprobs = losses.chunked_token_logprobs(
         student_hidden, student_head, batch.response_ids, chunk_size=settings.chunk_size,
         temperature=settings.temperature)
-    return losses.sampled_token_opd_loss(
+    loss, metrics = losses.sampled_token_opd_loss(
         student_logprobs, batch.teacher_logprobs, batch.response_mask,
         base_logprobs=batch.base_logprobs, reward_scale=settings.reward_scale,
         behaviour_logprobs=batch.behaviour_logprobs, is_threshold=settings.is_threshold,
         aggregation=settings.aggregation)
+    if batch.teacher_rows is not None:
+        metrics = {**metrics, **per_teacher_reverse_kl_sums(student_logprobs, batch.teacher_logprobs,
+                                                            batch.response_mask, batch.teacher_rows)}
+    return loss, metrics
 
 
 def _reverse_kl(topk: bool) -> Objective:

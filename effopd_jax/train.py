@@ -5,7 +5,9 @@
 Builds :class:`effopd_jax.trainer.Trainer` from the config file's ``get_config()`` (overrides
 from the command line; unknown keys are refused), initialises ``jax.distributed`` when launched
 as one of several processes, trains to ``config.total_steps`` (resuming from the workdir's last
-checkpoint), and prints the last step's metrics as one JSON line. What one step does:
+checkpoint), and prints the last step's metrics as one JSON line. With ``--config.plan_only=True``
+it prints the memory plan of one step on its devices instead (``effopd_jax.plan``; no weights,
+prompts or tokenizer read, nothing written) and exits 0 when every program fits, 1 otherwise. What one step does:
 effopd_jax/trainer/loop.py (``Trainer.train_one_step``) and docs/architecture.md.
 
 G-OPD note: with ``loss.reward_scale != 1`` the reference model pi_B is the *initial* student
@@ -58,6 +60,11 @@ def main(argv) -> None:
 
     config = flags.FLAGS.config
     maybe_initialize_distributed()
+    if config.get("plan_only", False):
+        # The memory plan of one step on these devices (nothing loaded, nothing written), then exit.
+        from effopd_jax import plan  # noqa: PLC0415
+
+        raise SystemExit(plan.plan_only(config))
     trainer = Trainer(config, flags.FLAGS.workdir)
     try:
         last = trainer.run()

@@ -4,7 +4,7 @@
     trainer.run()            # resumes from workdir's last checkpoint if there is one
 
 One step (:meth:`Trainer.train_one_step`) is four calls: the rollout engine samples the
-student's responses; the teacher scores them; the jitted update applies the loss, gradient,
+student's responses; the teachers score them (each the rows routed to it, with its own prompt); the jitted update applies the loss, gradient,
 clipping, AdamW; at EffOPD's trigger steps the host search scores extrapolated candidates on
 the validation set and keeps the best. Around the step: metrics, evaluation, checkpoints,
 the foresight monitor, the preemption guard, and the final HF export.
@@ -25,13 +25,14 @@ from jax.sharding import PartitionSpec as P
 
 from effopd_jax import checkpoint as checkpoint_lib
 from effopd_jax import config as config_lib
-from effopd_jax import data, grading, models, objectives, preemption
+from effopd_jax import data, grading, lora, models, objectives, preemption
 from effopd_jax import metrics as metrics_lib
 from effopd_jax import sharding as sharding_lib
-from effopd_jax.effopd import effopd_host_search, effopd_search_due
+from effopd_jax.effopd import effopd_host_search, effopd_search_due, find_effopd_state
 from effopd_jax.objectives import OPDBatch
 from effopd_jax.rollout import Rollout
 from effopd_jax.sharding import to_host
+from effopd_jax.teachers import TeacherStepStats
 from effopd_jax.trainer import setup
 from effopd_jax.trainer.state import FullFineTuning, NonFiniteUpdatesError, Parameterization, new_train_state
 from effopd_jax.trainer.step import make_optimizer, update_step
@@ -68,12 +69,17 @@ class Trainer:
       workdir: the run directory (checkpoints, metrics.jsonl, the HF export).
       devices: the devices of the mesh (default: all).
       log: where progress lines go (process 0 only).
-      parameterization: which part of the student is trained (default: all of it).
+      parameterization: which part of the student is trained. Default: from the config
+        (``config.lora.enabled``: low-rank adapters, :class:`effopd_jax.lora.LoRA`; otherwise all
+        of it, :class:`FullFineTuning`).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None, log=print,
-                 parameterization: Parameterization = FullFineTuning()):
+                 parameterization: Parameterization | None = None):
         config_lib.validate_config(config)
+        if config.plan_only:
+            raise ValueError("config.plan_only: a Trainer trains; for the plan run python -m effopd_jax.train "
+                             "--config.plan_only=True, or effopd_jax.plan.make_plan(config, target)")
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.is_main = jax.process_index() == 0
@@ -92,10 +98,13 @@ class Trainer:
         temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.student_config, initial_params = setup.load_model(
             config.student, self.mesh, weights=config.init_from, log=self.log, role="student")
-        self.teacher = setup.load_teacher(config, self.mesh, self.tokenizer, loss=self.loss,
-                                          temperature=temperature, log=self.log)
         self.reference = setup.load_reference(config, self.mesh, temperature=temperature, log=self.log)
-        self.parameterization = parameterization
+        # The teachers (routed, with their own prompts rendered for every training example).
+        self.teacher = setup.load_teachers(
+            config, self.mesh, self.tokenizer, loss=self.loss, temperature=temperature,
+            student_config=self.student_config, initial_params=initial_params, train_examples=self.prompts.train,
+            reference=self.reference, rows_per_step=self.rows_per_step, log=self.log)
+        self.parameterization = parameterization = self._choose_parameterization(parameterization)
         trainable_params, self.frozen_params = parameterization.split(initial_params)
         self.engines = setup.rollout_engines(config, self.student_config, self.mesh, self.tokenizer)
 
@@ -116,8 +125,12 @@ class Trainer:
             donate_argnums=(0,),
         )
 
-        # The foresight monitor keeps W_0 = the initial student (taken before any resume).
-        self.monitor = setup.make_monitor(config, initial_params, self.student_config)
+        # The foresight monitor keeps W_0 = the initial student as the forward sees it (taken
+        # before any resume): for adapters on a cast base, the merge of that base, so that
+        # W_t - W_0 is exactly the merged update (A·B), not the base's rounding.
+        self.monitor = setup.make_monitor(config, parameterization.merge(trainable_params, self.frozen_params),
+                                          self.student_config)
+        del initial_params
         self.checkpointer = checkpoint_lib.RunCheckpointer(
             os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints)
         self.data_iterator = data.train_iterator(
@@ -130,6 +143,18 @@ class Trainer:
         self.metrics = metrics_lib.MetricsWriter(
             self.workdir, resume_step=self.start_step if resumed else None, enabled=self.is_main)
 
+    def _choose_parameterization(self, given: Parameterization | None) -> Parameterization:
+        if given is not None:
+            if self.config.lora.enabled:
+                raise ValueError("config.lora.enabled: Trainer(parameterization=...) was given too; use one of the two")
+            return given
+        if self.config.lora.enabled:
+            chosen = lora.from_config(self.config, self.student_config)
+            self.log(f"LoRA student: rank {chosen.rank}, alpha {chosen.alpha:g} on {', '.join(chosen.modules)} "
+                     f"({len(chosen.kernel_paths)} matrices); frozen base in {chosen.base_dtype}")
+            return chosen
+        return FullFineTuning()
+
     # -- the step ---------------------------------------------------------------------------
 
     def train_one_step(self) -> dict:
@@ -139,15 +164,17 @@ class Trainer:
         learning_rate = float(self.schedule(step))
         clock = Stopwatch()
 
-        rollout = self.engines["rollout"].generate(self.student_params(), self.next_prompt_rows(),
+        rows = self.next_rows()
+        rollout = self.engines["rollout"].generate(self.student_params(), rows.prompt_token_ids,
                                                    jax.random.fold_in(step_key, 0))
         clock.lap("rollout_seconds", rollout)
-        batch = self.score(rollout)
+        batch, teacher_stats = self.score(rollout, rows)
         clock.lap("teacher_seconds", batch)
         with sharding_lib.sharding_context(self.mesh):
             self.state, update_metrics = self.update(self.state, batch, self.frozen_params)
         update_metrics = jax.device_get(clock.lap("update_seconds", update_metrics))
         record = self._step_record(step, learning_rate, rollout, update_metrics, clock)
+        record.update(self.teacher.step_metrics(jax.device_get(teacher_stats), update_metrics))
         if self.config.effopd.enabled and effopd_search_due(self.state.opt_state):
             record.update(self.effopd_search(step_key))
         record["step_seconds"] = clock.since_start()
@@ -157,26 +184,38 @@ class Trainer:
         """The student's model params (trainable merged with frozen)."""
         return self.parameterization.merge(self.state.trainable_params, self.frozen_params)
 
-    def next_prompt_rows(self) -> list[np.ndarray]:
-        """This process's prompts of the next step, each repeated ``samples_per_prompt`` times
-        (the rows of one prompt are adjacent)."""
-        prompts = next(self.data_iterator)
-        return [ids for ids in prompts.prompt_token_ids for _ in range(self.config.rollout.samples_per_prompt)]
+    def next_rows(self) -> data.PromptBatch:
+        """This process's rows of the next step: its prompts, each repeated ``samples_per_prompt``
+        times (the rows of one prompt are adjacent), with their raw messages, solutions and tags."""
+        return next(self.data_iterator).repeat(self.config.rollout.samples_per_prompt)
 
-    def score(self, rollout: Rollout) -> OPDBatch:
-        """The rollout with the teacher's (and G-OPD's pi_B) view of every response token."""
+    def next_prompt_rows(self) -> list[np.ndarray]:
+        """The prompt token ids of :meth:`next_rows`."""
+        return self.next_rows().prompt_token_ids
+
+    def score(self, rollout: Rollout, rows: data.PromptBatch) -> tuple[OPDBatch, TeacherStepStats]:
+        """The rollout with the teachers' (and G-OPD's pi_B) view of every response token.
+
+        ``rows`` are this process's rows of the step (:meth:`next_rows`): the teachers route them
+        and render their own prompts from them. A live-student teacher scores with the params
+        that sampled the rollout, the same the update differentiates at (before the update)."""
         batch = OPDBatch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                          response_ids=rollout.response_ids, response_mask=rollout.response_mask,
                          behaviour_logprobs=rollout.behaviour_logprobs)
         with sharding_lib.sharding_context(self.mesh):
-            batch = self.teacher.score(rollout, batch)
+            live = self.student_params() if self.teacher.has_live_student else None
+            batch, stats = self.teacher.score_with_stats(rollout, batch, example_ids=rows.example_ids,
+                                                         student_params=live)
             if self.reference is not None:
                 batch = self.reference.score_reference(rollout, batch)
-        return batch
+        return batch, stats
 
     def _step_record(self, step: int, learning_rate: float, rollout: Rollout, update_metrics: dict,
                      clock: Stopwatch) -> dict:
-        record = {"step": step + 1, "learning_rate": learning_rate, **clock.laps, **update_metrics}
+        # The per-teacher sums become reverse_kl/<name> (TeacherSet.step_metrics), not records.
+        vectors = (objectives.TEACHER_REVERSE_KL_SUM, objectives.TEACHER_NUM_TOKENS)
+        scalars = {k: v for k, v in update_metrics.items() if k not in vectors}
+        record = {"step": step + 1, "learning_rate": learning_rate, **clock.laps, **scalars}
         response_tokens = float(to_host(rollout.response_mask).sum())
         record["response_length"] = response_tokens / self.rows_per_step
         record["tokens_per_second"] = response_tokens / max(clock.last - clock.start, 1e-9)
@@ -199,8 +238,17 @@ class Trainer:
                                          samples_per_prompt=1)["mean_at_n"]
 
         start = time.perf_counter()
-        params, opt_state, report = effopd_host_search(self.state.trainable_params, self.state.opt_state,
-                                                       score_fn=score_fn)
+        # A parameterization may extrapolate differently (LoRA: in the merged space).
+        extrapolation = getattr(self.parameterization, "effopd_extrapolation", lambda: None)()
+        theta, anchor = self.state.trainable_params, find_effopd_state(self.state.opt_state).anchor
+        params, opt_state, report = effopd_host_search(theta, self.state.opt_state, score_fn=score_fn,
+                                                       extrapolate=extrapolation)
+        extra = {}
+        if extrapolation is not None:
+            # How far the accepted point's product is from the extrapolated one (0 when exact).
+            extra["effopd/lora_refactor_error"] = (
+                0.0 if report.accepted_index == 0
+                else self.parameterization.refactor_error(theta, anchor, report.accepted_multiplier))
         # Back onto the update's input shardings, so the next step reuses its compilation.
         params = jax.device_put(params, self.state_shardings.trainable_params)
         opt_state = jax.device_put(opt_state, self.state_shardings.opt_state)
@@ -215,6 +263,7 @@ class Trainer:
             "effopd/accepted_multiplier": report.accepted_multiplier,
             "effopd/num_evals": report.num_evals,
             "effopd/seconds": time.perf_counter() - start,
+            **extra,
         }
 
     # -- evaluation -------------------------------------------------------------------------
@@ -264,8 +313,10 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int, elapsed: float) -> None:
+        describe = getattr(self.parameterization, "to_dict", None)
         meta = {"step": step, "elapsed_seconds": elapsed,
-                checkpoint_lib.META_MODEL_CONFIG: self.student_config.to_dict()}
+                checkpoint_lib.META_MODEL_CONFIG: self.student_config.to_dict(),
+                checkpoint_lib.META_PARAMETERIZATION: describe() if describe else {"name": self.parameterization.name}}
         self.checkpointer.save(step, self.state, self.data_iterator.get_state(), meta,
                                monitor=None if self.monitor is None else self.monitor.reference_bases())
 
@@ -350,21 +401,34 @@ class Trainer:
         self.checkpointer.wait()
         if cfg.export_hf:
             self.export_hf(os.path.join(self.workdir, "hf"))
+            if hasattr(self.parameterization, "save_adapters"):
+                self.export_adapters(os.path.join(self.workdir, lora.PEFT_DIRECTORY))
         return last
 
     def export_hf(self, path: str) -> None:
-        """Writes the student as an HF checkpoint (config, safetensors, tokenizer); tensors of
-        the student's own HF checkpoint that its family does not use (e.g. Qwen3.5's vision tower
-        and MTP head) are copied from it unchanged."""
+        """Writes the student as an HF checkpoint (config, safetensors, tokenizer) in
+        ``student.param_dtype`` (for adapters: the merge W + s·A·B, and the frozen rest cast up);
+        tensors of the student's own HF checkpoint that its family does not use (e.g. Qwen3.5's
+        vision tower and MTP head) are copied from it unchanged."""
         params = jax.tree.map(to_host, self.student_params())
         if self.is_main:
             source = self.config.student.path
             has_weights = any(os.path.isfile(os.path.join(source, name)) for name in (
                 models.hf.SAFE_WEIGHTS_NAME, models.hf.SAFE_WEIGHTS_INDEX_NAME))
-            models.save_hf(self.student_config, params, path,
+            models.save_hf(self.student_config, params, path, dtype=self.student_config.param_dtype,
                            carry_from=source if has_weights else None)
             self.tokenizer.save_pretrained(path)
             self.log(f"exported the student to {path}")
+
+    def export_adapters(self, path: str) -> None:
+        """Writes the trainable adapters in their own format (LoRA: PEFT's ``adapter_config.json``
+        + ``adapter_model.safetensors``), for the base the run started from."""
+        adapters = jax.tree.map(to_host, self.state.trainable_params)
+        base = self.config.init_from or self.config.student.path
+        base = base if os.path.isfile(os.path.join(base, "config.json")) else ""
+        if self.is_main:
+            self.parameterization.save_adapters(self.student_config, adapters, path, base_model_name_or_path=base)
+            self.log(f"exported the adapters to {path}")
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -22,7 +23,7 @@ from effopd_jax.models import ModelConfig
 from effopd_jax.objectives import OPDLoss
 from effopd_jax.rollout import RolloutEngine, make_rollout_engine
 from effopd_jax.sampling import SamplingSettings
-from effopd_jax.teachers import Teacher
+from effopd_jax.teachers import Teacher, TeacherPrompts, TeacherSet
 
 PyTree = Any
 Log = Callable[..., None]
@@ -68,8 +69,10 @@ def load_prompt_sets(config: ml_collections.ConfigDict, tokenizer, log: Log) -> 
         max_prompt_length=config.data.max_prompt_length,
         chat_template_kwargs=dict(config.data.chat_template_kwargs),
         on_bad_row=config.data.on_bad_row,
+        solution_key=config.data.solution_key,
     )
-    train, stats = data.load_prompts(list(config.data.train_files), tokenizer, **load_kwargs)
+    train, stats = data.load_prompts(list(config.data.train_files), tokenizer, route_key=route_key(config),
+                                     **load_kwargs)
     log(f"train data: {stats.summary()}")
     if not train:
         raise ValueError(
@@ -125,26 +128,96 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     return data.load_tokenizer(path)
 
 
-def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh, tokenizer, *, loss: OPDLoss,
-                 temperature: float, log: Log = print) -> Teacher:
-    """The run's teacher (``config.teachers[0]``; one teacher today), checked to score every
-    token id the student's tokenizer can emit."""
-    spec = config.teachers[0]
-    field = "config.teachers[0]"
-    teacher_config, params = load_model(spec, mesh, log=log, role=f"teacher {spec.name!r}")
-    student_vocab = len(tokenizer)
-    if teacher_config.vocab_size < student_vocab:
-        raise ValueError(
-            f"{field}.path: the teacher's vocabulary ({teacher_config.vocab_size} rows) cannot "
-            f"score the student's tokens (tokenizer has {student_vocab} ids)")
+def route_key(config: ml_collections.ConfigDict) -> str | None:
+    """The row field that routes training rows to teachers (``routing.key``), or None: one
+    teacher, or a mixture."""
+    if len(config.teachers) > 1 and config.routing.mode == "data_source" and config.routing.key != "data_source":
+        return config.routing.key
+    return None  # the row's data_source (with load_prompts' default for rows without one)
+
+
+def _teacher_prompts(config: ml_collections.ConfigDict, spec: ml_collections.ConfigDict, field: str,
+                     student_tokenizer) -> TeacherPrompts | None:
+    """How teacher ``spec`` renders its own prompts, or None when it scores the student's prompt
+    ids (no tokenizer, chat template, template variables or context of its own)."""
+    if not (spec.tokenizer or spec.chat_template or spec.chat_template_kwargs is not None or spec.context_template):
+        return None
+    tokenizer = student_tokenizer
     if spec.tokenizer:
-        teacher_tokenizer = data.load_tokenizer(spec.tokenizer)
-        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        tokenizer = data.load_tokenizer(spec.tokenizer)
+        if tokenizer.get_vocab() != student_tokenizer.get_vocab():
             raise ValueError(
-                f"{field}.tokenizer: the teacher's tokenizer maps tokens to different ids than the "
+                f"{field}.tokenizer: teacher {spec.name!r}'s tokenizer maps tokens to different ids than the "
                 "student's; token-level distillation needs one vocabulary")
-    return Teacher(name=spec.name, config=teacher_config, params=params, output=loss.teacher_output,
-                   temperature=temperature, chunk_size=config.loss.chunk_size)
+    chat_template = None
+    if spec.chat_template:
+        with open(spec.chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    kwargs = config.data.chat_template_kwargs if spec.chat_template_kwargs is None else spec.chat_template_kwargs
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TeacherPrompts(
+        tokenizer=tokenizer, chat_template_kwargs=dict(kwargs),
+        max_length=spec.max_prompt_length or config.data.max_prompt_length, pad_token_id=pad,
+        chat_template=chat_template, context_template=spec.context_template,
+        missing_solution=spec.missing_solution)
+
+
+def load_teachers(config: ml_collections.ConfigDict, mesh: Mesh, tokenizer, *, loss: OPDLoss,
+                  temperature: float, student_config: ModelConfig, initial_params: PyTree,
+                  train_examples: Sequence[data.PromptExample], reference: Teacher | None = None,
+                  rows_per_step: int | None = None, log: Log = print) -> TeacherSet:
+    """The run's teachers (``config.teachers``), routed by ``config.routing``, with their own
+    prompts rendered for every training example (:meth:`TeacherSet.prepare`).
+
+    Each teacher is checked to score every token id the student's tokenizer can emit (its
+    vocabulary, and its own tokenizer's token-to-id map), refused by name otherwise. A
+    ``student_initial`` teacher shares G-OPD's pi_B params when pi_B is also the initial student,
+    else holds a copy of ``initial_params``; a ``student_live`` teacher holds none (the trainer
+    hands it the student's params at each step).
+    """
+    teachers = []
+    reference_is_initial = reference is not None and not config.loss.base_path
+    for index, spec in enumerate(config.teachers):
+        field = f"config.teachers[{index}]"
+        if spec.model == "own":
+            teacher_config, params = load_model(spec, mesh, log=log, role=f"teacher {spec.name!r}")
+            student_vocab = len(tokenizer)
+            if teacher_config.vocab_size < student_vocab:
+                raise ValueError(
+                    f"{field}.path: teacher {spec.name!r}'s vocabulary ({teacher_config.vocab_size} rows) cannot "
+                    f"score the student's tokens (tokenizer has {student_vocab} ids)")
+        elif spec.model == "student_initial":
+            teacher_config = student_config
+            if reference_is_initial:
+                params = reference.params
+                log(f"teacher {spec.name!r}: the initial student, sharing G-OPD's pi_B params")
+            else:
+                params = jax.tree.map(lambda x: jnp.array(x, copy=True), initial_params)
+                log(f"teacher {spec.name!r}: the initial student (a frozen copy of its weights)")
+        else:
+            teacher_config, params = student_config, None
+            log(f"teacher {spec.name!r}: the live student (its current weights, no copy)")
+        teachers.append(Teacher(
+            name=spec.name, config=teacher_config, params=params, output=loss.teacher_output,
+            temperature=temperature, chunk_size=config.loss.chunk_size,
+            prompts=_teacher_prompts(config, spec, field, tokenizer), live=spec.model == "student_live",
+            data_sources=tuple(spec.data_sources), weight=float(spec.weight),
+            rows_per_forward=spec.rows_per_forward))
+    if len(teachers) == 1:
+        routing, default = "single", None
+    else:
+        routing = config.routing.mode
+        default = config.routing.default_teacher or None if routing == "data_source" else None
+    try:
+        teacher_set = TeacherSet(teachers, mesh=mesh, routing=routing, default_teacher=default,
+                                 rows_per_step=rows_per_step)
+    except ValueError as e:
+        raise ValueError(f"config.teachers: {e}") from None
+    try:
+        teacher_set.prepare(train_examples, log=log)
+    except ValueError as e:
+        raise ValueError(f"config.teachers: {e}") from None
+    return teacher_set
 
 
 def load_reference(config: ml_collections.ConfigDict, mesh: Mesh, *, temperature: float,

@@ -262,15 +262,15 @@ def test_injected_nan_gradient_is_skipped_counted_and_n_in_a_row_stop_with_a_goo
 
     def poisoned_trainer(config, workdir, nan_steps):
         trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:1], log=lambda *a, **k: None)
-        score = trainer.teacher.score
+        score = trainer.teacher.score_with_stats
 
-        def score_with_nan(rollout, batch):
-            batch = score(rollout, batch)
+        def score_with_nan(rollout, batch, **kwargs):
+            batch, stats = score(rollout, batch, **kwargs)
             if int(trainer.state.step) + 1 in nan_steps:
                 batch = batch._replace(teacher_logprobs=batch.teacher_logprobs * jnp.nan)
-            return batch
+            return batch, stats
 
-        trainer.teacher.score = score_with_nan
+        trainer.teacher.score_with_stats = score_with_nan
         return trainer
 
     overrides = {"total_steps": 4, "max_consecutive_skips": 2, "keep_checkpoints": 4}

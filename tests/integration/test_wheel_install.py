@@ -60,7 +60,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_checkout(tmp_path
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     for module in ("effopd_jax/__init__.py", "effopd_jax/train.py", "effopd_jax/models/qwen.py",
-                   "effopd_jax/testing/__init__.py", "effopd_jax/testing/checkpoints.py"):
+                   "effopd_jax/testing/__init__.py", "effopd_jax/testing/checkpoints.py",
+                   "effopd_jax/plan.py", "effopd_jax/published_configs.json"):
         assert module in names, f"{module} missing from the wheel"
     top_level = {n.split("/")[0] for n in names}
     assert not top_level & set(_NON_LIBRARY_DIRS), f"non-library folders in the wheel: {sorted(top_level)}"

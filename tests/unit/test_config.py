@@ -218,13 +218,19 @@ def _load_config_file(name: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["qwen3_1p7b_opd_effopd", "qwen3_1p7b_exopd_effopd"])
+@pytest.mark.parametrize("name", ["qwen3_1p7b_opd_effopd", "qwen3_1p7b_exopd_effopd",
+                                  "qwen3_4b_multi_teacher_exopd", "qwen3_4b_context_distill"])
 def test_paper_configs_validate_with_the_users_paths(paths, name):
     """The paths their docstring tells the user to give are all they miss."""
     model, prompts = paths
     c = _load_config_file(name)
-    c.student.path = c.teachers[0].path = model
-    c.data.train_files = c.data.eval_files = c.effopd.val_files = (prompts,)
+    c.student.path = model
+    for teacher in c.teachers:
+        if teacher.model == "own":
+            teacher.path = model
+    c.data.train_files = c.data.eval_files = (prompts,)
+    if c.effopd.enabled:
+        c.effopd.val_files = (prompts,)
     config_lib.validate_config(c)
 
 
@@ -247,3 +253,90 @@ def test_config_files_are_pure(tmp_path, monkeypatch, name):
     assert _tree_listing(REPO) == before and not os.listdir(tmp_path)
     if name == "tiny_cpu":
         config_lib.validate_config(c)  # random-init models from configs/tiny/: nothing to prepare
+
+
+# ---------------------------------------------------------------------------------------------
+# Several teachers, the student as teacher, teachers' own prompts
+
+
+def _two_teachers(model: str, prompts: str, **routing) -> ml_collections.ConfigDict:
+    c = _filled(model, prompts)
+    c.teachers = (config_lib.teacher_config(name="math", path=model, data_sources=("math",)),
+                  config_lib.teacher_config(name="code", path=model, data_sources=("code",)))
+    c.routing.update(routing)
+    return c
+
+
+def test_several_routed_teachers_validate(paths):
+    config_lib.validate_config(_two_teachers(*paths))
+    config_lib.validate_config(_two_teachers(*paths, default_teacher="code", key="extra_info.opd_teacher"))
+    c = _two_teachers(*paths, mode="mixture")
+    for teacher in c.teachers:
+        teacher.data_sources = ()
+    c.teachers[0].weight = 3.0
+    config_lib.validate_config(c)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.teachers[1].update(data_sources=("math",)),
+     "config.routing: the tag 'math' is listed by both 'math' and 'code'; a row has one teacher"),
+    (lambda c: c.routing.update(default_teacher="poetry"),
+     "config.routing.default_teacher: 'poetry' is not one of the teachers ['math', 'code']"),
+    (lambda c: c.teachers[1].update(data_sources=()),
+     "config.routing: teacher 'code' lists no data_sources and is not routing.default_teacher, so no row would reach it"),
+    (lambda c: c.teachers[0].update(weight=2.0),
+     "config.teachers[0].weight: only used with routing.mode='mixture' and several teachers; leave it 1.0"),
+    (lambda c: c.routing.update(mode="mixture"),
+     "config.teachers[0].data_sources: only used with routing.mode='data_source' and several teachers "
+     "(routing.mode='mixture' scores every row); leave it ()"),
+    (lambda c: c.loss.update(name="full_reverse_kl"),
+     "config.teachers: 2 teachers need loss.name='sampled_token'"),
+    (lambda c: c.update(teachers=(c.teachers[0],)),
+     "config.teachers[0].data_sources: only used with routing.mode='data_source' and several teachers "
+     "(one teacher scores every row); leave it ()"),
+])
+def test_routing_rules_refuse_with_the_field_named(paths, change, message):
+    c = _two_teachers(*paths)
+    change(c)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        config_lib.validate_config(c)
+
+
+def test_routing_settings_are_refused_with_one_teacher(paths):
+    c = _filled(*paths)
+    c.routing.default_teacher = "teacher"
+    with pytest.raises(ValueError, match=r"^config\.routing\.default_teacher: only used with more than 1 teachers"):
+        config_lib.validate_config(c)
+
+
+def test_the_student_as_teacher_has_no_path_and_a_context_needs_its_problem(paths):
+    model, prompts = paths
+    c = _filled(model, prompts)
+    c.teachers = (config_lib.teacher_config(name="self", model="student_live",
+                                            context_template=config_lib.DEFAULT_CONTEXT_TEMPLATE,
+                                            missing_solution="raise", max_prompt_length=512),)
+    config_lib.validate_config(c)
+    c.teachers[0].path = model
+    with pytest.raises(ValueError, match=r"^config\.teachers\[0\]\.path: only used with teachers\[0\]\.model='own' \(it is 'student_live'\)"):
+        config_lib.validate_config(c)
+    c.teachers[0].path = ""
+    c.teachers[0].context_template = "Solution: {solution}"
+    with pytest.raises(ValueError, match=r"^config\.teachers\[0\]\.context_template: must contain \{problem\}"):
+        config_lib.validate_config(c)
+    # No context: no solution to miss, and the teacher scores the student's own prompt ids.
+    c.teachers[0].update(context_template="", missing_solution="skip")
+    with pytest.raises(ValueError, match=r"^config\.teachers\[0\]\.max_prompt_length: only used with"):
+        config_lib.validate_config(c)
+    c.teachers[0].update(max_prompt_length=0, missing_solution="raise")
+    with pytest.raises(ValueError, match=r"^config\.teachers\[0\]\.missing_solution: only used with"):
+        config_lib.validate_config(c)
+    own = _filled(model, prompts)
+    own.teachers[0].path = ""
+    with pytest.raises(ValueError, match=r"^config\.teachers\[0\]\.path: is required"):
+        config_lib.validate_config(own)
+
+
+def test_a_teacher_with_its_own_template_variables_has_its_own_prompt_length(paths):
+    c = _filled(*paths)
+    c.teachers[0].update(chat_template_kwargs={"enable_thinking": True}, max_prompt_length=300)
+    config_lib.validate_config(c)

@@ -372,3 +372,41 @@ def test_left_pad():
     assert tokens.dtype == np.int32 and mask.dtype == bool
     with pytest.raises(ValueError, match="more than length=2"):
         data.left_pad([[1, 2, 3]], pad_id=0, length=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the teachers read: reference solutions, routing tags, the raw rows of a step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_rows_carry_their_worked_solutions(gsm8k_rows, gsm8k):
+    assert [e.solution for e in gsm8k] == [row["solution"] for row in gsm8k_rows]
+    assert all(e.solution.rstrip().endswith(f"#### {row['answer']}") for e, row in zip(gsm8k, gsm8k_rows))
+    assert [e.route_tag for e in gsm8k] == ["gsm8k"] * 100  # by default the data_source
+
+
+def test_solution_and_route_tag_from_nested_fields(tokenizer, tmp_path):
+    rows = [
+        {"prompt": "a", "answer": "1", "extra_info": {"ref_solution": "S1", "opd_teacher": "code"}},
+        {"prompt": "b", "answer": "2", "extra_info": {"ref_solution": "  ", "opd_teacher": None}},
+        {"prompt": "c", "answer": "3"},
+        {"prompt": "d", "answer": "4", "extra_info": {"ref_solution": ["not", "text"]}},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, stats = data.load_prompts(path, tokenizer, max_prompt_length=64, solution_key="extra_info.ref_solution",
+                                        route_key="extra_info.opd_teacher")
+    assert [(e.solution, e.route_tag, e.data_source) for e in examples] == [
+        ("S1", "code", "math"), (None, None, "math"), (None, None, "math")]  # blank or missing: None
+    assert stats.num_malformed == 1 and "'extra_info.ref_solution' must be a string, got list" in stats.malformed_examples[0]
+
+
+def test_a_step_repeats_each_prompt_with_its_raw_row(gsm8k):
+    batch = data.batch_examples(gsm8k[:3])
+    rows = batch.repeat(2)
+    assert rows.example_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [m[0]["content"] for m in rows.messages] == [gsm8k[i].messages[0]["content"] for i in (0, 0, 1, 1, 2, 2)]
+    assert rows.solutions == [gsm8k[i].solution for i in (0, 0, 1, 1, 2, 2)]
+    assert rows.route_tags == ["gsm8k"] * 6 and len(rows) == 6
+    with pytest.raises(ValueError, match="times must be >= 1"):
+        batch.repeat(0)

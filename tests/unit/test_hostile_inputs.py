@@ -607,7 +607,11 @@ def _holds(condition, values: dict) -> bool | None:
         return None
     if isinstance(condition, schema.AllOf):
         return all(_holds(part, values) for part in condition.conditions)
+    if isinstance(condition, schema.AnyOf):
+        return any(_holds(part, values) for part in condition.conditions)
     value = values[condition.field]
+    if isinstance(condition, schema.LongerThan):
+        return len(value) > condition.count
     if isinstance(condition, schema.Equals):
         return value == condition.value
     if isinstance(condition, schema.NotEquals):
@@ -635,12 +639,25 @@ def _value_ok(kind, value, values: dict) -> bool | None:
         exists = os.path.isdir if kind.directory else os.path.exists
         return type(value) is str and (value == "" or exists(value))
     if isinstance(kind, schema.ModelPath):
+        if value == "" and kind.required_when is not None:
+            required = _holds(kind.required_when, values)
+            if required is None:
+                return None
+            if not required:
+                return True  # not required: '' is fine
         config_file_ok = _holds(kind.config_file_when, values)
         return None if config_file_ok is None else _model_path_ok(value, config_file_ok)
     if isinstance(kind, schema.PromptFiles):
         return _prompt_files_ok(kind, value)
     if isinstance(kind, schema.StrKeyedMapping):
-        return _str_keyed_ok(value)
+        return (value is None and kind.none_ok) or _str_keyed_ok(value)
+    if isinstance(kind, schema.Text):
+        return type(value) is str and (not kind.non_blank or value.strip() != "")
+    if isinstance(kind, schema.Strings):
+        return (type(value) in (list, tuple) and all(type(v) is str and v.strip() for v in value)
+                and len(set(value)) == len(value))
+    if isinstance(kind, schema.PromptTemplate):
+        return type(value) is str and (value == "" or all("{" + n + "}" in value for n in kind.required))
     if isinstance(kind, schema.Retired):
         return value is None
     raise AssertionError(f"a kind this test does not know: {kind}")
@@ -744,14 +761,36 @@ def _entries_problems(kind: schema.Entries, value, where: str) -> tuple[set[str]
 def _cross_rule_problems(values: dict) -> set[str]:
     """The documented rules across fields, each applied once the fields it reads are valid."""
     problems = set()
-    if "teachers" in values and len(values["teachers"]) != 1:
-        problems.add("teachers")  # exactly one teacher, for now
+    teachers = values.get("teachers")
+    several = teachers is not None and len(teachers) > 1
+    if several and values.get("loss.name") not in (None, "sampled_token"):
+        problems.add("teachers")  # several teachers: the sampled-token loss only
+    mode = values.get("routing.mode")
+    if teachers is not None and (mode is not None or not several):
+        mode = mode if several else None
+        for index, teacher in enumerate(teachers):  # data_sources with tag routing, weight with a mixture
+            if teacher["data_sources"] and mode != "data_source":
+                problems.add(f"teachers[{index}].data_sources")
+            if teacher["weight"] != 1.0 and mode != "mixture":
+                problems.add(f"teachers[{index}].weight")
+        if mode == "data_source" and "routing.default_teacher" in values:
+            names = [teacher["name"] for teacher in teachers]
+            default = values["routing.default_teacher"]
+            if default and default not in names:
+                problems.add("routing.default_teacher")
+            tags = [tag for teacher in teachers for tag in teacher["data_sources"]]
+            if len(tags) != len(set(tags)):
+                problems.add("routing")  # a tag of two teachers
+            if any(not teacher["data_sources"] and teacher["name"] != default for teacher in teachers):
+                problems.add("routing")  # a teacher no row reaches
     if {"effopd.enabled", "effopd.val_files"} <= set(values):
         if values["effopd.enabled"] and not values["effopd.val_files"]:
             problems.add("effopd.val_files")
     axes = [values.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")]
     if None not in axes and axes.count(-1) > 1:
         problems.add("mesh")
+    if values.get("lora.dropout", 0.0) != 0.0:
+        problems.add("lora.dropout")  # LoRA dropout is refused
     return problems
 
 
@@ -847,7 +886,16 @@ def _base_configs(p: Paths) -> list[ml_collections.ConfigDict]:
     g_opd.loss.update(reward_scale=1.25, base_path=p.model, is_threshold=None)
     g_opd.rollout.update(top_k=5, top_p=0.9)
     g_opd.mesh.update(data=1, fsdp=-1)
-    return [effopd, every_mode, g_opd]
+    routed = config_lib.default_config()
+    routed.student.path = p.model
+    routed.data.train_files = (p.prompts,)
+    routed.teachers = (
+        config_lib.teacher_config(name="math", path=p.model, data_sources=("math",)),
+        config_lib.teacher_config(name="self", model="student_live", data_sources=("code",), max_prompt_length=512,
+                                  context_template=config_lib.DEFAULT_CONTEXT_TEMPLATE, missing_solution="raise"),
+    )
+    routed.routing.update(default_teacher="math", key="extra_info.opd_teacher")
+    return [effopd, every_mode, g_opd, routed]
 
 
 @pytest.fixture(scope="module")
@@ -901,15 +949,26 @@ def _plausible_values(kind, p: Paths):
     if isinstance(kind, schema.PromptFiles):
         return st.sampled_from([(), (p.prompts,), [p.prompts], (p.prompts, p.prompts), (p.config_file,)])
     if isinstance(kind, schema.StrKeyedMapping):
-        return st.sampled_from([{}, {"enable_thinking": True}])
+        return st.sampled_from([{}, {"enable_thinking": True}] + ([None] if kind.none_ok else []))
     if isinstance(kind, schema.Retired):
         return st.sampled_from([None, p.model, True])
+    if isinstance(kind, schema.Text):
+        return st.sampled_from(["", " ", "teacher", "t2", "math", "data_source", "extra_info.opd_teacher"])
+    if isinstance(kind, schema.Strings):
+        return st.sampled_from([(), ("math",), ("code",), ("math", "code"), ["math"], ("math", "math"), ("",), "math"])
+    if isinstance(kind, schema.PromptTemplate):
+        return st.sampled_from(["", "{problem}", "{problem} {solution}", "{solution}", "no placeholders",
+                                config_lib.DEFAULT_CONTEXT_TEMPLATE])
     if isinstance(kind, schema.Entries):
-        good = {"name": "teacher", "init": "checkpoint", "path": p.model, "init_seed": 0, "param_dtype": "bfloat16",
-                "compute_dtype": "bfloat16", "scan_layers": False, "tokenizer": ""}
+        good = _plain(config_lib.teacher_config(path=p.model))
+        math_teacher = {**good, "name": "math", "data_sources": ("math",)}
+        code_teacher = {**good, "name": "code", "data_sources": ("code",)}
+        live = {**good, "path": "", "model": "student_live", "context_template": "{problem} {solution}"}
         return st.sampled_from([
             [good, {**good, "name": "t2"}], [good, good], (), [good], (good,), [{**good, "extra": 1}],
             [{k: v for k, v in good.items() if k != "init"}], [config_lib.teacher_config(path=p.model)], "teacher",
+            [math_teacher, code_teacher], [math_teacher, {**code_teacher, "data_sources": ("math",)}],
+            [{**math_teacher, "weight": 2.0}, code_teacher], [live], [{**live, "path": p.model}],
         ])
     raise AssertionError(f"a kind this test does not know: {kind}")
 
@@ -1068,7 +1127,14 @@ def test_named_bad_values_are_refused_naming_the_field(base_trees, field, value)
         ({"effopd.enabled": False}, "effopd.val_files", "only used with effopd.enabled=True (it is False)"),
         ({"effopd.enabled": False, "effopd.val_files": (), "effopd.trigger": "4"}, "effopd.trigger", "only used"),
         ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
-        ({"teachers[1]": "two"}, "teachers", "exactly one teacher"),
+        ({"teachers[1]": "two"}, "routing", "teacher 'teacher' lists no data_sources and is not routing.default_teacher"),
+        ({"teachers[1]": "two", "loss.name": "full_reverse_kl"}, "teachers",
+         "2 teachers need loss.name='sampled_token'"),
+        ({"teachers[1]": "two", "routing.default_teacher": "t3"}, "routing.default_teacher",
+         "'t3' is not one of the teachers ['teacher', 't2']"),
+        ({"teachers[1]": "two", "routing.mode": "mixture", "teachers[0].data_sources": ("x",)},
+         "teachers[0].data_sources", "only used with routing.mode='data_source'"),
+        ({"teachers[0].weight": 0.5}, "teachers[0].weight", "only used with routing.mode='mixture'"),
         ({"rollout.temperature": 0.0, "rollout.top_p": 0.9}, "rollout.top_p", "rollout.temperature > 0.0 (it is 0.0)"),
         ({"loss.name": "full_reverse_kl", "loss.is_threshold": None}, "loss.is_threshold", "loss.name='sampled_token'"),
         ({"loss.name": "full_reverse_kl", "loss.reward_scale": 1.25}, "loss.reward_scale", "only used"),
