@@ -42,8 +42,8 @@ def get_config():
     c.total_steps = 300
     c.checkpoint_every = 50
     c.eval_every = 10
-    c.student.update(path="", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
-    c.teachers = (teacher_config(path="", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
+    c.student.update(path="", hf_name="Qwen/Qwen3.5-0.8B", param_dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
+    c.teachers = (teacher_config(path="", hf_name="Qwen/Qwen3.5-9B", param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
     c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
     c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
     c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)

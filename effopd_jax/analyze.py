@@ -166,6 +166,27 @@ def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any, dict]:
     return config, restored["trainable_params"], parameterization
 
 
+def merge_lora_adapters(config: ModelConfig | None, base_params: Any, adapters: Any, scale: float) -> Any:
+    """The unscanned params ``W + scale·A·B`` of a LoRA run's adapters on its base.
+
+    Args:
+      config: the run's model config (``scan_layers`` as trained: the adapters' layout), or None
+        for a run without one (then scanned adapters stack one layer per slice).
+      base_params: the base's unscanned params.
+      adapters: the step directory's trainable params (``{..., "q_proj": {"lora_a", "lora_b"}}``).
+      scale: alpha / rank.
+    """
+    from effopd_jax import lora as lora_lib
+
+    if config is None or not config.scan_layers:
+        return lora_lib.merge_adapters(base_params, unscanned(adapters), scale)
+    # Merged in the adapters' scanned layout, then unscanned through the layout's tensor names,
+    # so any family's grouping of layers (e.g. Qwen3.5's by layer_types period) works.
+    flat = dataclasses.replace(config, scan_layers=False)
+    merged = lora_lib.merge_adapters(models.relayout_params(base_params, flat, config), adapters, scale)
+    return models.relayout_params(merged, config, flat)
+
+
 def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[ModelConfig | None, Any]:
     """(config or None, float32 params in the unscanned layout) of a checkpoint directory.
 
@@ -178,7 +199,6 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
         analysis does not know.
     """
     from effopd_jax import convert
-    from effopd_jax import lora as lora_lib
 
     fmt = checkpoint_format(path)
     if fmt == "hf":
@@ -190,8 +210,9 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
     else:
         config, params, parameterization = _restore_run_checkpoint(os.fspath(path))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    flat = None if config is None else dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
-    scanned = None if config is None or not config.scan_layers else dataclasses.replace(config, param_dtype=jnp.float32)
+    if config is not None:
+        config = dataclasses.replace(config, param_dtype=jnp.float32)
+    flat = None if config is None else dataclasses.replace(config, scan_layers=False)
     name = parameterization.get("name")
     if name == "lora":
         if base_params is None:
@@ -200,16 +221,12 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
                 "put the base model the run started from (its HF or orbax directory) first, the adapters are "
                 "merged into it")
         scale = float(parameterization["alpha"]) / float(parameterization["rank"])
-        if scanned is not None:  # merge in the adapters' (scanned) layout: any family's grouping of layers
-            merged = lora_lib.merge_adapters(models.relayout_params(base_params, flat, scanned), params, scale)
-            params = models.relayout_params(merged, scanned, flat)
-        else:
-            params = lora_lib.merge_adapters(base_params, unscanned(params), scale)
+        params = merge_lora_adapters(config, base_params, params, scale)
     elif name != "full":
         raise ValueError(f"checkpoint {os.fspath(path)!r}: its meta names the parameterization {name!r}, which "
                          "the analysis cannot turn into model params (it knows 'full' and 'lora')")
-    elif scanned is not None:  # through the layout's tensor names: any family's grouping of layers
-        params = models.relayout_params(params, scanned, flat)
+    elif config is not None and config.scan_layers:  # through the layout's tensor names: any family's grouping
+        params = models.relayout_params(params, config, flat)
     else:
         params = unscanned(params)
     return flat, params

@@ -660,3 +660,35 @@ def test_the_qwen3_5_config_validates_with_the_users_paths(checkpoints):
     config_lib.validate_config(c)
     student = models.config_from_hf(c.student.path, scan_layers=c.student.scan_layers)
     assert student.model_type == "qwen3_5" and student.scan_layers
+
+
+def test_lora_adapters_on_every_matrix_and_their_merge_in_the_scanned_layout():
+    """LoRA's default targets are the layout's matrix modules (the Gated DeltaNet projections
+    included); the analysis merges a scanned run's adapters (grouped by the layer_types period)
+    into the unscanned base: W + (alpha / r) A B, checked in numpy per layer."""
+    from effopd_jax import analyze, lora
+
+    config = dataclasses.replace(SMALL, scan_layers=True)
+    flat = dataclasses.replace(SMALL, scan_layers=False)
+    params = models.init_params(config, jax.random.key(5))
+    adapter = lora.LoRA.for_model(config, rank=2, alpha=4.0)
+    assert set(adapter.modules) == set(qwen3_5.QWEN3_5_MATRIX_MODULES)
+    adapters, _ = adapter.split(params)
+    rng = np.random.RandomState(0)  # B = 0 at init: draw it so the merge shows
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.randn(*x.shape), x.dtype) if path[-1].key == "lora_b" else x, adapters)
+    base = models.relayout_params(params, config, flat)
+    merged = analyze.merge_lora_adapters(config, base, adapters, adapter.scale)
+    sub = adapters["layers"]["sub_1"]["self_attn"]["q_proj"]  # layers 1 and 3 (period 2)
+    for row, layer in enumerate((1, 3)):
+        want = (np.asarray(base[f"layers_{layer}"]["self_attn"]["q_proj"]["kernel"])
+                + 2.0 * np.asarray(sub["lora_a"][row]) @ np.asarray(sub["lora_b"][row]))
+        np.testing.assert_allclose(np.asarray(merged[f"layers_{layer}"]["self_attn"]["q_proj"]["kernel"]),
+                                   want, rtol=1e-5, atol=1e-6)
+    qkv = adapters["layers"]["sub_0"]["linear_attn"]["in_proj_qkv"]
+    want = (np.asarray(base["layers_2"]["linear_attn"]["in_proj_qkv"]["kernel"])
+            + 2.0 * np.asarray(qkv["lora_a"][1]) @ np.asarray(qkv["lora_b"][1]))
+    np.testing.assert_allclose(np.asarray(merged["layers_2"]["linear_attn"]["in_proj_qkv"]["kernel"]),
+                               want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(merged["layers_2"]["linear_attn"]["A_log"]),
+                                  np.asarray(base["layers_2"]["linear_attn"]["A_log"]))
