@@ -215,13 +215,19 @@ def main() -> None:
     for rep in range(args.reps):
         for key, fn in work.items():
             times[key].append(timed(fn))
+            print(f"  {key[0]} {key[1]}: {times[key][-1] * 1e3:.1f} ms", flush=True)
         print(f"round {rep + 1}/{args.reps} done (load average {os.getloadavg()[0]:.1f})")
+        # The table so far after every round: a run stopped early still reports what it measured.
+        print_table(args, times, n1, n2)
 
+
+def print_table(args: argparse.Namespace, times: dict[tuple[str, str], list[float]], n1: int, n2: int) -> None:
+    """Tokens/s of each contender (median; best over the rounds) and the ratio ours / torch."""
     med = {key: statistics.median(v) for key, v in times.items()}
     low = {key: min(v) for key, v in times.items()}
     tokens_per_call = args.batch * args.seq
     print()
-    print(f"| work | ours tokens/s (median; best) | torch tokens/s (median; best) | ours / torch |")
+    print("| work | ours tokens/s (median; best) | torch tokens/s (median; best) | ours / torch |")
     print("|---|---|---|---|")
     for what in ("forward", "forward+backward"):
         ours, theirs = tokens_per_call / med[(what, "ours")], tokens_per_call / med[(what, "torch")]
@@ -238,8 +244,7 @@ def main() -> None:
           f"{rates['torch'][1]:,.0f} | {rates['ours'][0] / rates['torch'][0]:.2f} |")
     print()
     for key, values in times.items():
-        print(f"{key[0]:>18} {key[1]:>5}: median {med[key] * 1e3:9.1f} ms, best {low[key] * 1e3:9.1f} ms")
-
+        print(f"{key[0]:>18} {key[1]:>5}: median {med[key] * 1e3:9.1f} ms, best {low[key] * 1e3:9.1f} ms", flush=True)
 
 if __name__ == "__main__":
     main()
