@@ -14,16 +14,18 @@ Architecture facts (third_party/qwen_configs/qwen3_5_configs.json): 0.8B = hidde
 untied. EffOPD extrapolates the attention, linear-attention (conv included) and MLP weights and
 their norms, not A_log / dt_bias (docs/effopd_rule.md#qwen35-hybrids).
 
-Memory, back of the envelope (there is no plan tool yet; bytes, not measured):
-  student 0.76e9 text params in float32: params 3.0 GB + Adam moments 6.1 GB + gradients 3.0 GB
-    + EffOPD anchor on the extrapolated leaves (~0.5e9, the tied embedding is not) 2.0 GB;
-  teacher 8.95e9 text params in bfloat16: 17.9 GB (the vision tower is never loaded);
-  rollout cache per row of prompt + response = 18,432 positions, bfloat16: KV of the 6 attention
-    layers 6 x 2 x 2 heads x 256 x 2 B = 12 KiB per position (0.23 GB per row) + the 18 linear
-    layers' float32 state 18 x 16 x 128 x 128 x 4 B = 19 MB and conv state per row;
-  so 1024 rows of 18k positions need ~230 GB of cache across the mesh: the rollout batch is
-  split over (data, fsdp) devices, so give it enough devices (fsdp below) or lower
-  rollout.max_new_tokens.
+Memory (README.md#memory-plan): the models are named by `hf_name`, so the plan runs on this
+file as it is, e.g.
+    python -m effopd_jax.plan --config=configs/qwen3p5_0p8b_from_9b_opd_effopd.py --topology=v5p:4x4x4 \
+      --config.data.prompts_per_step=64
+With one row per chip (64 rows; 2026-11-29, XLA:TPU compiled on CPU) the peaks per v5p chip are
+optimizer_init 0.42 GiB, rollout 3.50 GiB, teacher_scoring 23.04 GiB (the 9B teacher's dense
+attention scores over 18,432 positions). Why the hybrid is cheap to roll out: only the 6 gated
+attention layers of 24 keep KV (2 heads x 256, bfloat16: 12 KiB per position, 0.23 GB per row
+of 18,432 positions); the 18 linear layers keep a fixed float32 state (18 x 16 x 128 x 128 x 4 B
+= 19 MB per row) whatever the length. All 1,024 rows at once (the setting below) needs ~230 GB
+of KV across the mesh plus every phase's activations for 1,024 rows: plan it before renting,
+and lower the rows per phase (or rollout.max_new_tokens) until it fits.
 
 Model and data paths are the user's: set them on the command line, e.g.
     python -m effopd_jax.train --config=configs/qwen3p5_0p8b_from_9b_opd_effopd.py --workdir=gs://b/run \
