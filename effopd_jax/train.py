@@ -24,6 +24,7 @@ import sys
 
 import jax
 
+from effopd_jax import config as config_lib
 from effopd_jax import metrics as metrics_lib
 from effopd_jax.trainer import NonFiniteUpdatesError, Trainer, TrainState  # noqa: F401  (public names)
 
@@ -51,6 +52,7 @@ def maybe_initialize_distributed() -> None:
 
 # Exit codes of ``python -m effopd_jax.train`` besides 0 (finished, or stopped by a signal with
 # a checkpoint written) and 1 (an error; see the message).
+EXIT_BAD_CONFIG = 2  # the config failed validation (the message names the setting)
 EXIT_NONFINITE = 3  # NonFiniteUpdatesError: max_consecutive_skips reached
 
 
@@ -65,6 +67,12 @@ def main(argv) -> None:
         from effopd_jax import plan  # noqa: PLC0415
 
         raise SystemExit(plan.plan_only(config))
+    try:
+        # Checked here as well as by the Trainer so that a bad setting is one line, not a traceback.
+        config_lib.validate_config(config)
+    except ValueError as e:
+        print(f"effopd_jax.train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
     trainer = Trainer(config, flags.FLAGS.workdir)
     try:
         last = trainer.run()

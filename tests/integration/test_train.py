@@ -216,3 +216,14 @@ def test_unknown_config_key_is_refused(tmp_path):
                   {"PYTHONPATH": REPO}, timeout=120)
     assert result.returncode != 0
     assert "learnig_rate" in result.stderr
+
+
+def test_invalid_setting_is_one_line_and_exit_code_2(tmp_path):
+    config_file = _write_config(tmp_path / "cfg.py")
+    result = _cli([f"--config={config_file}", f"--workdir={tmp_path / 'w'}", "--config.lora.enabled=True",
+                   "--config.lora.dropout=0.1"], {"PYTHONPATH": REPO}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "effopd_jax.train: config.lora.dropout: must be 0, got 0.1: the OPD loss scores every sampled token under "
+        "the student that sampled it, and dropout on the adapters' input would make that a random sub-policy"]
+    assert not (tmp_path / "w").exists()
