@@ -20,7 +20,8 @@ file as it is, e.g.
       --config.data.prompts_per_step=64
 With one row per chip (64 rows; 2026-11-29, XLA:TPU compiled on CPU) the peaks per v5p chip are
 optimizer_init 0.42 GiB, rollout 3.50 GiB, teacher_scoring 23.04 GiB (the 9B teacher's dense
-attention scores over 18,432 positions). Why the hybrid is cheap to roll out: only the 6 gated
+attention scores over 18,432 positions); the update and EffOPD's programs were not planned yet
+(that run was stopped after 52 minutes of compiling on a shared 2-core CPU). Why the hybrid is cheap to roll out: only the 6 gated
 attention layers of 24 keep KV (2 heads x 256, bfloat16: 12 KiB per position, 0.23 GB per row
 of 18,432 positions); the 18 linear layers keep a fixed float32 state (18 x 16 x 128 x 128 x 4 B
 = 19 MB per row) whatever the length. All 1,024 rows at once (the setting below) needs ~230 GB
