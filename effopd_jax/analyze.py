@@ -121,7 +121,9 @@ def checkpoint_format(path: str | os.PathLike) -> str:
 
 
 def unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The unscanned layout of a params tree: a ``layers`` subtree becomes ``layers_{i}``."""
+    """The unscanned layout of a params tree whose ``layers`` subtree stacks one layer per
+    slice (``layers_{i}``), for checkpoints without a config; with a config,
+    ``models.relayout_params`` handles every family (e.g. Qwen3.5's period-grouped scan)."""
     if "layers" not in params:
         return dict(params)
     num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
@@ -169,6 +171,27 @@ def _restore_run_checkpoint(path: str) -> tuple[ModelConfig | None, Any, dict]:
     return config, restored["trainable_params"], parameterization
 
 
+def merge_lora_adapters(config: ModelConfig | None, base_params: Any, adapters: Any, scale: float) -> Any:
+    """The unscanned params ``W + scale·A·B`` of a LoRA run's adapters on its base.
+
+    Args:
+      config: the run's model config (``scan_layers`` as trained: the adapters' layout), or None
+        for a run without one (then scanned adapters stack one layer per slice).
+      base_params: the base's unscanned params.
+      adapters: the step directory's trainable params (``{..., "q_proj": {"lora_a", "lora_b"}}``).
+      scale: alpha / rank.
+    """
+    from effopd_jax import lora as lora_lib
+
+    if config is None or not config.scan_layers:
+        return lora_lib.merge_adapters(base_params, unscanned(adapters), scale)
+    # Merged in the adapters' scanned layout, then unscanned through the layout's tensor names,
+    # so any family's grouping of layers (e.g. Qwen3.5's by layer_types period) works.
+    flat = dataclasses.replace(config, scan_layers=False)
+    merged = lora_lib.merge_adapters(models.relayout_params(base_params, flat, config), adapters, scale)
+    return models.relayout_params(merged, config, flat)
+
+
 def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[ModelConfig | None, Any]:
     """(config or None, float32 params in the unscanned layout) of a checkpoint directory.
 
@@ -181,7 +204,6 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
         analysis does not know.
     """
     from effopd_jax import convert
-    from effopd_jax import lora as lora_lib
 
     fmt = checkpoint_format(path)
     if fmt == "hf":
@@ -192,7 +214,10 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
         config, params = convert.load_orbax(path)
     else:
         config, params, parameterization = _restore_run_checkpoint(os.fspath(path))
-    params = unscanned(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    if config is not None:
+        config = dataclasses.replace(config, param_dtype=jnp.float32)
+    flat = None if config is None else dataclasses.replace(config, scan_layers=False)
     name = parameterization.get("name")
     if name == "lora":
         if base_params is None:
@@ -201,13 +226,15 @@ def load_checkpoint(path: str | os.PathLike, base_params: Any = None) -> tuple[M
                 "put the base model the run started from (its HF or orbax directory) first, the adapters are "
                 "merged into it")
         scale = float(parameterization["alpha"]) / float(parameterization["rank"])
-        params = lora_lib.merge_adapters(base_params, params, scale)
+        params = merge_lora_adapters(config, base_params, params, scale)
     elif name != "full":
         raise ValueError(f"checkpoint {os.fspath(path)!r}: its meta names the parameterization {name!r}, which "
                          "the analysis cannot turn into model params (it knows 'full' and 'lora')")
-    if config is not None:
-        config = dataclasses.replace(config, param_dtype=jnp.float32, scan_layers=False)
-    return config, params
+    elif config is not None and config.scan_layers:  # through the layout's tensor names: any family's grouping
+        params = models.relayout_params(params, config, flat)
+    else:
+        params = unscanned(params)
+    return flat, params
 
 
 def check_same_architecture(configs: Sequence[ModelConfig | None], names: Sequence[str]) -> None:
@@ -437,6 +464,7 @@ def analyze(
         result.export_dir = export_rank_k(
             model_config, base_params, final_params, rank_k_export, alpha,
             os.path.join(out_dir, f"rank_{rank_k_export}_alpha_{alpha:g}"), export_dtype, svd_method, seed,
+            carry_from=paths[0] if checkpoint_format(paths[0]) == "hf" else None,
         )
     return result
 
@@ -516,18 +544,20 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     labels = [monitor.short_module_name(m) for m in modules]
     L = result.num_layers
 
-    def grid(column):
+    def grid(column, missing=0.0):
         """[layer, module] values; an expert module's rows are averaged over its experts, except
-        its allocation shares, which add up."""
+        its allocation shares, which add up. `missing`: cells of layers that do not hold the
+        module (hybrid models, e.g. Qwen3.5's attention modules live in every 4th layer only)."""
         values = np.zeros((L, len(modules)))
         counts = np.zeros((L, len(modules)))
         for r in final_rows:
             values[r["layer"], modules.index(r["module"])] += float(r[column])
             counts[r["layer"], modules.index(r["module"])] += 1
-        return values if column == "alloc" else values / np.maximum(counts, 1)
+        values = values if column == "alloc" else values / np.maximum(counts, 1)
+        return np.where(counts > 0, values, missing)
 
     # 1. Relative update heatmap.
-    rel = grid("rel_update")
+    rel = grid("rel_update", missing=np.nan)  # blank, not 0, where a layer has no such module
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 2, 0.35 * L + 2))
     image = ax.imshow(rel, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(modules)), labels)
@@ -538,8 +568,9 @@ def write_plots(result: AnalysisResult, out_dir: str) -> list[str]:
     fig.colorbar(image, ax=ax, label="‖ΔW‖_F / ‖W_0‖_F")
     if L * len(modules) <= 200:
         for (layer, col), value in np.ndenumerate(rel):
-            ax.text(col, layer, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                    color="white" if value < rel.max() * 0.6 else "black")
+            if np.isfinite(value):
+                ax.text(col, layer, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if value < np.nanmax(rel) * 0.6 else "black")
     paths.append(_save(fig, out_dir, "relative_update_heatmap.png"))
 
     # 2. Overlap with the final subspace over training.
@@ -622,13 +653,15 @@ def export_rank_k(
     dtype: str | None = None,
     svd_method: monitor.SVDMethod = "auto",
     seed: int = 0,
+    carry_from: str | None = None,
 ) -> str:
     """Writes the norm-preserving rank-k reconstruction of ``params_t`` (docs/foresight.md) as a
     HF checkpoint at ``path``.
 
     The layout's matrices become W_0 + α(‖ΔW‖_F/‖ΔW_k‖_F)ΔW_k; every other parameter is the
     base's (the authors' ``upd_rank.py``). ``config`` describes the params' layout
-    (``scan_layers``); ``dtype``: storage dtype (default float32).
+    (``scan_layers``); ``dtype``: storage dtype (default float32); ``carry_from``: the base HF
+    checkpoint, whose tensors the model does not use (e.g. a vision tower) are copied unchanged.
     """
     start = time.perf_counter()
     layout = models.layout(config)
@@ -636,7 +669,8 @@ def export_rank_k(
     new_params = monitor.rank_k_reconstruct_params(
         params_0, params_t, k, jax.random.PRNGKey(seed), layout=layout, alpha=alpha, method=svd_method
     )
-    models.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype))
+    models.save_hf(config, new_params, path, dtype=None if dtype is None else jnp.dtype(dtype),
+                   carry_from=carry_from)
     _log(f"wrote rank-{k} (alpha {alpha:g}) reconstruction to {path} in {time.perf_counter() - start:.1f} s")
     return path
 

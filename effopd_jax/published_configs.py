@@ -8,9 +8,10 @@ A config names the models it was written for (``student.hf_name``, ``teachers[i]
 memory plan (``effopd_jax.plan``) takes a model's shapes from here when its ``path`` is empty, so
 a shipped config plans as it is, without a checkpoint. The table is ``published_configs.json``
 in this package: the architecture fields of each repository's ``config.json`` (Apache-2.0), the
-same numbers as ``third_party/qwen_configs/qwen_configs.json`` (dense) and ``qwen_moe_configs.json``
-(mixture of experts, e.g. ``Qwen/Qwen3-30B-A3B``) in the repository together (see their README
-for the sources and notes; a test checks they agree).
+same numbers as ``third_party/qwen_configs/qwen_configs.json`` (dense), ``qwen_moe_configs.json``
+(mixture of experts, e.g. ``Qwen/Qwen3-30B-A3B``) and ``qwen3_5_configs.json`` (the Qwen3.5
+entries, in their published multimodal layout) in the repository together (see their README for
+the sources and notes; a test checks they agree).
 
 Jax-free on purpose: the config schema reads :func:`names` to check ``hf_name`` fields.
 """

@@ -62,6 +62,12 @@ LOGICAL_RULES: LogicalRules = (
     ("expert_embed", None),
     ("expert_mlp", "tensor"),
     ("router", None),
+    # Qwen3.5 Gated DeltaNet: value heads split like attention heads; the [q | k | v] conv
+    # channels stay whole over `tensor` (the layer splits them into q, k, v right after the
+    # conv, which a split channel axis would turn into a reshuffle every layer).
+    ("linear_qkv", None),
+    ("linear_value", "tensor"),
+    ("linear_heads", "tensor"),
     # Activations.
     ("act_batch", BATCH_AXES),
     ("act_length", None),
@@ -70,6 +76,7 @@ LOGICAL_RULES: LogicalRules = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_linear_heads", "tensor"),
 )
 
 

@@ -8,7 +8,8 @@
     models.save_hf(config, params, "/out/student")
 
 A *family* (Qwen2/2.5/3: `effopd_jax/models/qwen.py`; Qwen3-MoE: `effopd_jax/models/qwen3_moe.py`,
-on the shared MoE block of `effopd_jax/models/moe.py`) registers itself under the HF
+on the shared MoE block of `effopd_jax/models/moe.py`; Qwen3.5/3.6 hybrids:
+`effopd_jax/models/qwen3_5.py`) registers itself under the HF
 `model_type`s it reads; every function here dispatches on `config.model_type`, so callers never
 import a family module. An unsupported `model_type` is refused with the list of supported ones.
 The parameter layout (`layout(config)`) tells conversion, EffOPD's default filter, the
@@ -22,6 +23,7 @@ Public API
   init_params, abstract_params, param_logical_axes   params without a checkpoint; their axes
   init_cache, lm_head_weight, layout                 decoding cache, output head, layout
   init_paged_cache, forward_paged                    paged decoding cache (continuous batching)
+  relayout_params                                    the same weights in another tree layout
   family_for, register_family, supported_model_types the registry
 """
 
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 # Importing a family module registers it.
 from effopd_jax.models import qwen as _qwen  # noqa: F401
 from effopd_jax.models import qwen3_moe as _qwen3_moe  # noqa: F401
+from effopd_jax.models import qwen3_5 as _qwen3_5  # noqa: F401
 from effopd_jax.models.family import (
     AuxOutput,
     ModelConfig,
@@ -67,7 +70,7 @@ __all__ = [
     "abstract_params", "config_from_hf", "family_for", "forward", "forward_paged", "forward_with_aux",
     "init_cache", "init_paged_cache", "init_params",
     "layout", "lm_head_weight", "load_hf", "load_params", "param_logical_axes", "read_hf_config",
-    "register_family", "save_hf", "supported_model_types",
+    "register_family", "relayout_params", "save_hf", "supported_model_types",
 ]
 
 
@@ -99,7 +102,11 @@ def forward(config: ModelConfig, params: PyTree, input_ids: jax.Array, *,
       logits `[batch, seq, vocab]` float32 (or the hidden states); with a cache, the pair
       `(logits_or_hidden, new_cache)`.
     """
-    return family_for(config).apply(config, params, input_ids, positions=positions,
+    family = family_for(config)
+    if segment_ids is not None and not family.supports_packing:
+        raise ValueError(f"model_type {config.model_type!r} ({family.name} family) does not take packed sequences "
+                         "(segment_ids); run it with pack_sequences=False")
+    return family.apply(config, params, input_ids, positions=positions,
                                     attention_mask=attention_mask, cache=cache,
                                     return_hidden_states=return_hidden_states,
                                     **({} if segment_ids is None else {"segment_ids": segment_ids}))
@@ -194,3 +201,54 @@ def layout(config: ModelConfig) -> ModelLayout:
     """The parameter layout of `config` (see `effopd_jax.models.family.ModelLayout`); cached,
     since configs are hashable and layouts immutable."""
     return family_for(config).layout(config)
+
+
+def relayout_params(params: PyTree, source: ModelConfig, target: ModelConfig) -> PyTree:
+    """`params` of `source`'s tree layout rearranged into `target`'s, e.g. scanned -> unscanned
+    (`dataclasses.replace(config, scan_layers=False)`). Leaves are matched through the layouts'
+    HF tensor names, so it works for any family and any grouping of stacked layers; arrays are
+    sliced and stacked, never changed.
+
+    Raises:
+      ValueError: the two layouts do not name the same tensors with the same shapes.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    def slices(config: ModelConfig, tree: PyTree) -> dict[str, tuple[Any, int, int]]:
+        """{HF name: (leaf, slice number, number of stacked axes)}."""
+        leaves = jax.tree.leaves(tree)
+        infos = layout(config).params
+        if len(leaves) != len(infos):
+            raise ValueError(f"params have {len(leaves)} leaves; the {config.model_type} layout "
+                             f"has {len(infos)}")
+        out = {}
+        for info, leaf in zip(infos, leaves):
+            for i, name in enumerate(info.hf_names):
+                out[name] = (leaf, i, len(info.stack_axes))
+        return out
+
+    have = slices(source, params)
+    wanted_infos = layout(target).params
+    wanted = {name for info in wanted_infos for name in info.hf_names}
+    if set(have) != wanted:
+        raise ValueError("relayout_params: the layouts name different tensors: "
+                         f"{sorted(set(have) ^ wanted)[:8]}")
+
+    def piece(name: str) -> Any:
+        leaf, i, stacked = have[name]
+        return leaf.reshape((-1,) + leaf.shape[stacked:])[i] if stacked else leaf
+
+    new_leaves = []
+    for info in wanted_infos:
+        parts = [piece(name) for name in info.hf_names]
+        if not info.stack_axes:
+            new_leaves.append(parts[0])
+        else:
+            xnp = jnp if isinstance(parts[0], jax.Array) else np
+            new_leaves.append(xnp.stack(parts))
+    abstract = abstract_params(target)
+    for got, want, info in zip(new_leaves, jax.tree.leaves(abstract), wanted_infos):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"relayout_params: {info.name} would be {tuple(got.shape)}, the target "
+                             f"layout needs {tuple(want.shape)}")
+    return jax.tree.unflatten(jax.tree.structure(abstract), new_leaves)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -73,7 +74,9 @@ BIAS = "bias"
 NORM = "norm"
 EMBEDDING = "embedding"
 LM_HEAD = "lm_head"
-ROLES = (MATRIX, BIAS, NORM, EMBEDDING, LM_HEAD)
+CONV = "conv"  # a convolution kernel of a decoder layer (e.g. Qwen3.5's depthwise conv1d)
+DECAY = "decay"  # a recurrent state's decay-rate parameter (e.g. Qwen3.5's A_log)
+ROLES = (MATRIX, BIAS, NORM, EMBEDDING, LM_HEAD, CONV, DECAY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,8 @@ class ParamInfo:
 
     Attributes:
       path: the leaf's key path, e.g. `("layers_3", "self_attn", "q_proj", "kernel")`.
-      role: one of `ROLES`.
+      role: one of `ROLES`. Only `matrix` leaves are analysed by the monitor; the others say
+        what a leaf is for conversion and summaries.
       module: the module the leaf belongs to, the same for every layer, e.g.
         `"self_attn/q_proj"`, `"input_layernorm"`, `"embed_tokens"`, `"norm"`.
       group: a coarse grouping of modules used by summaries, e.g. `"attention"`, `"mlp"`,
@@ -312,6 +316,11 @@ class ModelFamily(abc.ABC):
         raise NotImplementedError(f"the {self.name!r} model family has no paged cache")
 
     @property
+    def supports_packing(self) -> bool:
+        """Whether the family's `apply` takes `segment_ids` (packed sequences)."""
+        return "segment_ids" in inspect.signature(self.apply).parameters
+
+    @property
     def supports_paged_cache(self) -> bool:
         """Whether the family implements the paged-cache methods."""
         return type(self).apply_paged is not ModelFamily.apply_paged
@@ -320,6 +329,15 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def layout(self, config: ModelConfig) -> ModelLayout:
         """The :class:`ModelLayout` of `config`'s params tree."""
+
+    def carried_hf_prefixes(self, config: ModelConfig) -> tuple[str, ...]:
+        """HF tensor-name prefixes of tensors that belong to `config`'s checkpoints but not to
+        the model (e.g. a vision tower `model.visual.`, a multi-token-prediction head `mtp.`).
+
+        Loading leaves such tensors untouched and reports them in one log line instead of
+        refusing them as unexpected; `save_hf(..., carry_from=source)` copies them unchanged
+        from the source checkpoint. Default: none (every tensor must be a parameter)."""
+        return ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -23,6 +23,14 @@ for the 2-D matrices of a dense model that is the plain transpose.
 Errors: every problem with a checkpoint raises a `CheckpointError` subclass naming the tensor(s);
 config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
 model needs is never initialised when the checkpoint lacks it.
+
+Carried tensors: a family may declare HF name prefixes of tensors that belong to its published
+checkpoints but not to the model (`ModelFamily.carried_hf_prefixes`, e.g. Qwen3.5's vision tower
+`model.visual.` and MTP head `mtp.`). Loading leaves them untouched and reports them in one log
+line (logger `effopd_jax.models.hf`, level WARNING) instead of refusing them; `save_hf(...,
+carry_from=source)` copies them byte for byte from the source checkpoint into the export, so
+`transformers` loads it as the class it came from. Any other tensor the model does not use is
+still an `UnexpectedTensorError`.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import struct
@@ -45,6 +54,8 @@ from effopd_jax.models.family import (
 )
 
 PyTree = Any
+
+logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -292,7 +303,11 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = N
     path = os.fspath(path)
     reader = _SafetensorsReader(path)
     treedef, leaves = _leaves(config)
-    _check_tensors(config, reader, leaves)
+    carried = _check_tensors(config, reader, leaves)
+    if carried:
+        logger.warning("%s: %d tensor(s) the model does not use are left untouched (carried "
+                       "through on export with save_hf(carry_from=...)): %s", path, len(carried),
+                       _summarize_prefixes(carried, family_for(config).carried_hf_prefixes(config)))
 
     target_dtype = np.dtype(config.param_dtype)
     if shardings is None:
@@ -391,13 +406,30 @@ def _block_reader(views: list[np.ndarray], stack_shape: tuple[int, ...], dtype: 
     return fetch
 
 
-def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list[_Leaf]) -> None:
+def _carried_names(config: ModelConfig, names: Any, expected: Any = ()) -> list[str]:
+    """The names among `names` under the family's carried prefixes (and not model params)."""
+    prefixes = family_for(config).carried_hf_prefixes(config)
+    if not prefixes:
+        return []
+    return sorted(n for n in names if n.startswith(prefixes) and n not in expected)
+
+
+def _summarize_prefixes(names: Sequence[str], prefixes: Sequence[str]) -> str:
+    """`model.visual.* (297), mtp.* (15)`: how many names fall under each prefix."""
+    counts = {prefix: sum(1 for n in names if n.startswith(prefix)) for prefix in prefixes}
+    return ", ".join(f"{prefix}* ({count})" for prefix, count in counts.items() if count)
+
+
+def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list[_Leaf]) -> list[str]:
+    """Checks the checkpoint's tensors against the config; returns the carried tensors' names."""
     expected: dict[str, tuple[int, ...]] = {}
     for leaf in leaves:
         for name in leaf.info.hf_names:
             expected[name] = leaf.hf_shape
     present = {name for name in reader.records
                if not name.endswith(IGNORED_HF_TENSOR_SUFFIXES)}
+    carried = _carried_names(config, present, expected)
+    present -= set(carried)
     missing = sorted(set(expected) - present)
     if missing:
         raise MissingTensorError(
@@ -418,6 +450,7 @@ def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list
         got = reader.records[name].shape
         if got != shape:
             raise TensorShapeError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    return carried
 
 
 def _tied_head_name(config: ModelConfig, leaves: list[_Leaf]) -> str | None:
@@ -445,28 +478,45 @@ def _check_tied_head(reader: _SafetensorsReader, head_name: str, embedding_name:
 
 
 def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
-            dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes `params` as a HF checkpoint directory that `transformers` loads
-    (`AutoModelForCausalLM.from_pretrained`).
+            dtype: Any = None, max_shard_bytes: int = 5 * 2**30,
+            carry_from: str | os.PathLike | None = None) -> None:
+    """Writes `params` as a HF checkpoint directory that `transformers` loads as the class the
+    config names (`config.to_hf()["architectures"]`, e.g. `AutoModelForCausalLM`).
 
     Args:
       config: the model's config (`scan_layers` must describe `params`' layout).
       params: the params pytree (single-process: arrays must be fully addressable).
       path: output directory (created; existing files of the same names are overwritten).
-      dtype: storage dtype (float32 / bfloat16 / float16); default: each array's own dtype.
+      dtype: storage dtype (float32 / bfloat16 / float16) of the params; default: each array's
+        own dtype. Carried tensors keep their stored dtype.
       max_shard_bytes: above this total size the tensors go into several
         `model-0000k-of-0000n.safetensors` files plus `model.safetensors.index.json`.
+      carry_from: the HF checkpoint directory the model came from: every tensor of it under
+        the family's carried prefixes (`ModelFamily.carried_hf_prefixes`, e.g. a vision tower,
+        an MTP head) is copied unchanged into the export (ignored when the family carries
+        nothing). None: nothing is carried, and for a family that carries tensors a warning
+        names the prefixes left out.
 
-    Host memory peaks at about one unstacked leaf, or one leading slice (one layer) of a
-    stacked leaf.
+    Host memory peaks at about one unstacked leaf, one leading slice (one layer) of a
+    stacked leaf, or one carried tensor.
 
     Raises:
       MissingTensorError / UnexpectedTensorError / TensorShapeError: `params` does not have
         the structure and shapes `config` implies.
+      CheckpointError: `carry_from` is not a checkpoint directory.
     """
     path = os.fspath(path)
     _, leaves = _leaves(config)
     arrays = _flatten_like(leaves, params)
+    prefixes = family_for(config).carried_hf_prefixes(config)
+    carry_reader, carried = None, []
+    if carry_from is not None and prefixes:
+        carry_reader = _SafetensorsReader(os.fspath(carry_from))
+        carried = _carried_names(config, carry_reader.records,
+                                 {name for leaf in leaves for name in leaf.info.hf_names})
+    elif prefixes:
+        logger.warning("save_hf(%s): no carry_from checkpoint, so no %s tensors (not used by "
+                       "this model) are written", path, ", ".join(p + "*" for p in prefixes))
     storage = [np.dtype(dtype if dtype is not None else array.dtype) for array in arrays]
     for leaf, array, leaf_dtype in zip(leaves, arrays, storage):
         if leaf_dtype not in _SAFETENSORS_NAMES:
@@ -477,12 +527,16 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
                 f"save_hf: {leaf.info.name} is not fully addressable by this process; "
                 "gather it first (jax.experimental.multihost_utils.process_allgather)")
 
-    # (name, hf shape, dtype, leaf number, slice number) in leaf order: each leaf is fetched once.
+    # (name, hf shape, dtype, leaf number, slice number) in leaf order: each leaf is fetched once;
+    # carried tensors (leaf number None) follow, read from the source when written.
     entries = []
     for n, leaf in enumerate(leaves):
         stacked = bool(leaf.info.stack_axes)
         for slice_number, name in enumerate(leaf.info.hf_names):
             entries.append((name, leaf.hf_shape, storage[n], n, slice_number if stacked else None))
+    for name in carried:
+        record = carry_reader.records[name]
+        entries.append((name, record.shape, record.dtype, None, None))
     shards: list[list[tuple]] = [[]]
     shard_bytes = 0
     for entry in entries:
@@ -499,7 +553,9 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
     cache: dict[tuple[int, int], np.ndarray] = {}
 
     def fetch_entry(entry) -> np.ndarray:
-        _, _, _, n, slice_number = entry
+        name, _, _, n, slice_number = entry
+        if n is None:  # a carried tensor: its bytes as stored in the source
+            return carry_reader.array(name)
         stack_shape = leaves[n].stack_shape
         if slice_number is None or not _layer_stacked(leaves[n]):
             key, inner = (n, 0), slice_number
@@ -531,6 +587,9 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f,
                       indent=2)
+    if carried:
+        logger.info("save_hf(%s): carried %d tensor(s) from %s: %s", path, len(carried),
+                    carry_from, _summarize_prefixes(carried, prefixes))
     stored = {str(d) for d in storage}
     hf_config = config.to_hf()
     hf_config["dtype"] = stored.pop() if len(stored) == 1 else "float32"

@@ -120,6 +120,9 @@ class Trainer:
         temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.student_config, initial_params = setup.load_model(
             config.student, self.mesh, weights=config.init_from, log=self.log, role="student")
+        if config.pack_sequences and not models.family_for(self.student_config).supports_packing:
+            raise ValueError(f"config.pack_sequences: the student (model_type {self.student_config.model_type!r}) "
+                             "does not take packed sequences; set pack_sequences=False")
         self.reference = setup.load_reference(config, self.mesh, temperature=temperature, log=self.log)
         # The teachers (routed, with their own prompts rendered for every training example).
         self.teacher = setup.load_teachers(
@@ -562,10 +565,16 @@ class Trainer:
 
     def export_hf(self, path: str) -> None:
         """Writes the student as an HF checkpoint (config, safetensors, tokenizer) in
-        ``student.param_dtype`` (for adapters: the merge W + s·A·B, and the frozen rest cast up)."""
+        ``student.param_dtype`` (for adapters: the merge W + s·A·B, and the frozen rest cast up);
+        tensors of the student's own HF checkpoint that its family does not use (e.g. Qwen3.5's
+        vision tower and MTP head) are copied from it unchanged."""
         params = jax.tree.map(to_host, self.student_params())
         if self.is_main:
-            models.save_hf(self.student_config, params, path, dtype=self.student_config.param_dtype)
+            source = self.config.student.path
+            has_weights = any(os.path.isfile(os.path.join(source, name)) for name in (
+                models.hf.SAFE_WEIGHTS_NAME, models.hf.SAFE_WEIGHTS_INDEX_NAME))
+            models.save_hf(self.student_config, params, path, dtype=self.student_config.param_dtype,
+                           carry_from=source if has_weights else None)
             self.tokenizer.save_pretrained(path)
             self.log(f"exported the student to {path}")
 

@@ -82,9 +82,10 @@ def effopd_anchor_entries(hf: dict) -> int:
 
 def test_bundled_configs_are_the_third_party_table():
     bundled = read_json(published_configs.TABLE_FILE)
-    third_party = os.path.join(REPO_ROOT, "third_party", "qwen_configs")
-    assert bundled == {**read_json(os.path.join(third_party, "qwen_configs.json")),
-                       **read_json(os.path.join(third_party, "qwen_moe_configs.json"))}
+    tables = os.path.join(REPO_ROOT, "third_party", "qwen_configs")
+    qwen3_5 = {k: v for k, v in read_json(os.path.join(tables, "qwen3_5_configs.json")).items() if not k.startswith("_")}
+    assert bundled == {**read_json(os.path.join(tables, "qwen_configs.json")),
+                       **read_json(os.path.join(tables, "qwen_moe_configs.json")), **qwen3_5}
     assert published_configs.names() == tuple(sorted(bundled))
     assert published_configs.hf_config("Qwen/Qwen3-4B")["hidden_size"] == 2560
     with pytest.raises(ValueError, match="no bundled config for 'Qwen/Qwen9'.*Qwen/Qwen3-1.7B"):
