@@ -96,8 +96,8 @@ class ParamInfo:
       stack_axes: names of the leaf's leading axes that stack several HF tensors, e.g.
         `("layers",)` for a scanned leaf; `()` when the leaf is one HF tensor.
       hf_names: the HF tensor names, one per slice along `stack_axes` (row-major order).
-      transpose: the HF tensor is the transpose of the (per-slice) leaf: kernels are stored
-        `[in, out]` here and `[out, in]` in HF.
+      transpose: the HF tensor is the (per-slice) leaf with every axis reversed: kernels are
+        stored `[in, out]` here and `[out, in]` in HF (for a 3-D leaf, all three axes reverse).
       extrapolate: whether EffOPD's default filter selects the leaf for this family (the
         authors' rule; docs/effopd_rule.md#parameter-filter).
       experts: for a stack of mixture-of-experts matrices, the number of experts on its

@@ -17,8 +17,9 @@ after it) is assembled one layer at a time, each written into the sharded array 
 host holds at most one layer's local blocks of one module, never the whole stack; saving fetches
 such leaves one layer at a time too.
 
-Orientation: `ParamInfo.transpose` swaps the last two axes (`[in, out]` here, `[out, in]` in HF);
-for the 2-D matrices of a dense model that is the plain transpose.
+Orientation: `ParamInfo.transpose` reverses every axis of each per-tensor slice (`[in, out]` here,
+`[out, in]` in HF): for a matrix, one expert's included, that is the plain transpose; for a
+3-D leaf (Qwen3.5's conv kernel `[K, 1, channels]`, HF `[channels, 1, K]`) all three axes reverse.
 
 Errors: every problem with a checkpoint raises a `CheckpointError` subclass naming the tensor(s);
 config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
@@ -227,9 +228,7 @@ class _Leaf:
     def hf_shape(self) -> tuple[int, ...]:
         """The shape of each HF tensor feeding this leaf."""
         per_tensor = self.shape[len(self.info.stack_axes):]
-        if not self.info.transpose:
-            return per_tensor
-        return per_tensor[:-2] + (per_tensor[-1], per_tensor[-2])
+        return tuple(reversed(per_tensor)) if self.info.transpose else per_tensor
 
 
 def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
@@ -325,7 +324,7 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = N
     for leaf, sharding in zip(leaves, leaf_shardings):
         views = [reader.array(name) for name in leaf.info.hf_names]
         if leaf.info.transpose:  # still lazy views of the memory map
-            views = [np.swapaxes(view, -1, -2) for view in views]
+            views = [view.T for view in views]
         arrays.append(_assemble_leaf(leaf.shape, leaf.stack_shape, views, sharding, target_dtype,
                                      by_layer=_layer_stacked(leaf)))
     return jax.tree_util.tree_unflatten(treedef, arrays)
@@ -572,7 +571,7 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         if inner is not None:
             stacked_rank = len(stack_shape) - (1 if _layer_stacked(leaves[n]) else 0)
             array = array.reshape((-1,) + array.shape[stacked_rank:])[inner]
-        return np.swapaxes(array, -1, -2) if leaves[n].info.transpose else array
+        return array.T if leaves[n].info.transpose else array
 
     total_size = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
     weight_map = {}
