@@ -457,6 +457,79 @@ class DecoderLayer(nn.Module):
         return hidden, layer_cache
 
 
+class DecoderInputs(NamedTuple):
+    """What a Qwen-family decoder's layers read besides the hidden states.
+
+    mask: without a cache, the per-token `AttentionMask` (so `attention_impl` need not
+      materialise [seq, seq]); with a cache, the dense [batch, seq, max_len] bool mask.
+    key_valid: [batch, kv_len] bool, the keys that may be attended to (real tokens, or valid
+      cache slots; packed padding excluded).
+    positions: [batch, seq] int RoPE positions.
+    """
+
+    mask: Array | AttentionMask
+    key_valid: Array
+    positions: Array
+
+
+def decoder_inputs(cfg: Any, input_ids: Array, *, positions: Array | None, attention_mask: Array | None,
+                   cache: Any, segment_ids: Array | None) -> DecoderInputs:
+    """Checks a forward's arguments and builds its attention mask and positions (the contract of
+    `Qwen.__call__`, shared by the families built on Qwen's attention, e.g. Qwen3-MoE). `cache`
+    is a `KVCache` (`k [layers, batch, max_len, ...]`, `index`) or None."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    batch, seq = input_ids.shape
+    if positions is not None and positions.shape != (batch, seq):
+        raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed sequences) are for a forward without a cache")
+        if segment_ids.shape != (batch, seq):
+            raise ValueError(f"segment_ids must have shape {(batch, seq)}, got {segment_ids.shape}")
+
+    if cache is None:
+        if attention_mask is not None and attention_mask.shape != (batch, seq):
+            raise ValueError(
+                f"attention_mask must have shape {(batch, seq)}, got {attention_mask.shape}")
+        q_slots = jnp.arange(seq)
+        kv_len = seq
+    else:
+        if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
+            raise ValueError(
+                f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
+                f" batch={batch}, max_len, kv_heads, head_dim]")
+        kv_len = cache.k.shape[2]
+        if attention_mask is not None and attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"with a cache, attention_mask must be [batch, max_len] = {(batch, kv_len)}, "
+                f"got {attention_mask.shape}")
+        q_slots = cache.index + jnp.arange(seq)
+
+    key_valid = (jnp.ones((batch, kv_len), bool) if attention_mask is None
+                 else attention_mask.astype(bool))
+    causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
+    mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
+    if cache is None:
+        # Without a cache the mask stays per-token vectors, so `attention_impl` need not
+        # materialise [seq, seq] (the dense mask above is then unused and compiled away).
+        if segment_ids is not None:
+            key_valid = key_valid & (segment_ids != 0)
+        mask = AttentionMask(key_valid, segment_ids)
+    if positions is None and segment_ids is not None:
+        positions = _segment_positions(segment_ids)
+
+    if positions is None:
+        if attention_mask is None:
+            positions = jnp.broadcast_to(q_slots[None, :], (batch, seq))
+        else:
+            running = jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1
+            if cache is not None:
+                running = jax.lax.dynamic_slice_in_dim(running, cache.index, seq, axis=1)
+            positions = jnp.maximum(running, 0)
+    return DecoderInputs(mask, key_valid, positions)
+
+
 class Qwen(nn.Module):
     """Qwen2/2.5/3 causal LM. See the module docstring and docs/architecture.md."""
 
@@ -488,56 +561,9 @@ class Qwen(nn.Module):
           `(logits_or_hidden, new_cache)` with `new_cache.index = index + seq`.
         """
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        batch, seq = input_ids.shape
-        if positions is not None and positions.shape != (batch, seq):
-            raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) are for a forward without a cache")
-            if segment_ids.shape != (batch, seq):
-                raise ValueError(f"segment_ids must have shape {(batch, seq)}, got {segment_ids.shape}")
-
-        if cache is None:
-            if attention_mask is not None and attention_mask.shape != (batch, seq):
-                raise ValueError(
-                    f"attention_mask must have shape {(batch, seq)}, got {attention_mask.shape}")
-            q_slots = jnp.arange(seq)
-            kv_len = seq
-        else:
-            if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
-                raise ValueError(
-                    f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
-                    f" batch={batch}, max_len, kv_heads, head_dim]")
-            kv_len = cache.k.shape[2]
-            if attention_mask is not None and attention_mask.shape != (batch, kv_len):
-                raise ValueError(
-                    f"with a cache, attention_mask must be [batch, max_len] = {(batch, kv_len)}, "
-                    f"got {attention_mask.shape}")
-            q_slots = cache.index + jnp.arange(seq)
-
-        key_valid = (jnp.ones((batch, kv_len), bool) if attention_mask is None
-                     else attention_mask.astype(bool))
-        causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
-        mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
-        if cache is None:
-            # Without a cache the mask stays per-token vectors, so `attention_impl` need not
-            # materialise [seq, seq] (the dense mask above is then unused and compiled away).
-            if segment_ids is not None:
-                key_valid = key_valid & (segment_ids != 0)
-            mask = AttentionMask(key_valid, segment_ids)
-        if positions is None and segment_ids is not None:
-            positions = _segment_positions(segment_ids)
-
-        if positions is None:
-            if attention_mask is None:
-                positions = jnp.broadcast_to(q_slots[None, :], (batch, seq))
-            else:
-                running = jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1
-                if cache is not None:
-                    running = jax.lax.dynamic_slice_in_dim(running, cache.index, seq, axis=1)
-                positions = jnp.maximum(running, 0)
+        mask, _, positions = decoder_inputs(cfg, input_ids, positions=positions, attention_mask=attention_mask,
+                                            cache=cache, segment_ids=segment_ids)
+        seq = input_ids.shape[1]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),

@@ -39,9 +39,9 @@ from effopd_jax.models.family import (
     UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, RMSNorm, Weight, constrain, rope_cos_sin,
+    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, Weight, constrain, rope_cos_sin,
 )
-from effopd_jax.models.qwen import MLP, Attention, KVCache, _rope_theta, _segment_positions, init_cache
+from effopd_jax.models.qwen import MLP, Attention, KVCache, _rope_theta, decoder_inputs, init_cache
 
 Array = jax.Array
 DType = Any
@@ -347,7 +347,7 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Moe(nn.Module):
-    """Qwen3-MoE causal LM; the call contract is `effopd_jax.models.qwen.Qwen`'s."""
+    """Qwen3-MoE causal LM; the call contract is `effopd_jax.models.qwen.Qwen`'s (`qwen.decoder_inputs`)."""
 
     config: Qwen3MoeConfig
 
@@ -356,60 +356,15 @@ class Qwen3Moe(nn.Module):
                  attention_mask: Array | None = None, return_hidden_states: bool = False,
                  cache: KVCache | None = None, segment_ids: Array | None = None):
         """See `effopd_jax.models.forward` (and `qwen.Qwen.__call__`, whose masks, positions,
-        packed segments and cache handling this repeats)."""
+        packed segments and cache checks `qwen.decoder_inputs` builds for both)."""
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        batch, seq = input_ids.shape
-        if positions is not None and positions.shape != (batch, seq):
-            raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) are for a forward without a cache")
-            if segment_ids.shape != (batch, seq):
-                raise ValueError(f"segment_ids must have shape {(batch, seq)}, got {segment_ids.shape}")
-
-        if cache is None:
-            if attention_mask is not None and attention_mask.shape != (batch, seq):
-                raise ValueError(
-                    f"attention_mask must have shape {(batch, seq)}, got {attention_mask.shape}")
-            q_slots = jnp.arange(seq)
-            kv_len = seq
-        else:
-            if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
-                raise ValueError(
-                    f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
-                    f" batch={batch}, max_len, kv_heads, head_dim]")
-            kv_len = cache.k.shape[2]
-            if attention_mask is not None and attention_mask.shape != (batch, kv_len):
-                raise ValueError(
-                    f"with a cache, attention_mask must be [batch, max_len] = {(batch, kv_len)}, "
-                    f"got {attention_mask.shape}")
-            q_slots = cache.index + jnp.arange(seq)
-
-        key_valid = (jnp.ones((batch, kv_len), bool) if attention_mask is None
-                     else attention_mask.astype(bool))
-        causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]                # [seq, kv_len]
-        mask = causal[None, :, :] & key_valid[:, None, :]                       # [batch, seq, kv_len]
-        if cache is None:
-            # Per-token vectors, so `attention_impl` need not materialise [seq, seq].
-            if segment_ids is not None:
-                key_valid = key_valid & (segment_ids != 0)
-            mask = AttentionMask(key_valid, segment_ids)
-        if positions is None and segment_ids is not None:
-            positions = _segment_positions(segment_ids)
+        mask, key_valid, positions = decoder_inputs(cfg, input_ids, positions=positions,
+                                                    attention_mask=attention_mask, cache=cache,
+                                                    segment_ids=segment_ids)
+        seq = input_ids.shape[1]
         # This call's tokens that are real (they alone enter the router statistics).
         token_mask = (key_valid if cache is None
                       else jax.lax.dynamic_slice_in_dim(key_valid, cache.index, seq, axis=1))
-
-        if positions is None:
-            if attention_mask is None:
-                positions = jnp.broadcast_to(q_slots[None, :], (batch, seq))
-            else:
-                running = jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1
-                if cache is not None:
-                    running = jax.lax.dynamic_slice_in_dim(running, cache.index, seq, axis=1)
-                positions = jnp.maximum(running, 0)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
