@@ -296,12 +296,6 @@ def objective_terms_and_aux(params: PyTree, batch: OPDBatch, *, config: ModelCon
     return loss.objective(hidden, models.lm_head_weight(config, params), batch, settings), aux
 
 
-def objective_terms(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
-                    settings: LossSettings) -> ObjectiveTerms:
-    """:func:`objective_terms_and_aux` without the model's own losses."""
-    return objective_terms_and_aux(params, batch, config=config, loss=loss, settings=settings)[0]
-
-
 def opd_loss(params: PyTree, batch: OPDBatch, *, config: ModelConfig, loss: OPDLoss,
              settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective ``loss`` of the student ``params`` on one whole batch: ``(loss, metrics)``,
