@@ -12,21 +12,13 @@ scoring (the initial student, float32 params): on v5p:4x4x4 the plan measures pi
 once and dense attention; README.md#memory-plan).
 """
 
-import importlib.util
 import os
 
-
-def _opd_config():
-    # Loaded by path: config files are run by path (config_flags), not imported as a package.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_1p7b_opd_effopd.py")
-    spec = importlib.util.spec_from_file_location("qwen3_1p7b_opd_effopd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from effopd_jax.config import load_config_file
 
 
 def get_config():
-    c = _opd_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_1p7b_opd_effopd.py"))
     c.loss.reward_scale = 1.25
     c.loss.base_path = ""  # "" = the initial student
     c.optimizer.learning_rate = 1e-5

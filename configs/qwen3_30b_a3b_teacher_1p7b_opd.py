@@ -27,29 +27,15 @@ teacher scoring at 11.57 GiB per chip (update 7.78, rollout 7.48; README.md#memo
 Other slices set slots and micro-batches that are multiples of their device count.
 """
 
-from effopd_jax.config import default_config, teacher_config
+import os
+
+from effopd_jax.config import load_config_file, teacher_config
 
 
 def get_config():
-    c = default_config()
-    c.seed = 42
-    c.total_steps = 300  # set to your data size
-    c.checkpoint_every = 50
-    c.eval_every = 10
-    # The models this run was written for; the memory plan reads their shapes from the bundled configs.
-    c.student.update(path="", hf_name="Qwen/Qwen3-1.7B", param_dtype="float32", compute_dtype="bfloat16",
-                     scan_layers=True, remat="full")
+    # The paper's OPD run (student, data, loss, optimizer, EffOPD, slots and micro-batches) ...
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_1p7b_opd_effopd.py"))
+    # ... with the mixture-of-experts teacher; the memory plan reads its shapes from the bundled configs.
     c.teachers = (teacher_config(name="qwen3_30b_a3b", path="", hf_name="Qwen/Qwen3-30B-A3B",
                                  param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True),)
-    c.data.update(prompts_per_step=1024, max_prompt_length=2048, shuffle=True)
-    c.rollout.update(max_new_tokens=16384, temperature=1.0, top_k=0, top_p=1.0, samples_per_prompt=1)
-    c.loss.update(name="sampled_token", aggregation="seq-mean-token-mean", reward_scale=1.0, chunk_size=1024)
-    c.optimizer.update(learning_rate=1e-6, schedule="constant", weight_decay=0.01, grad_clip=1.0)
-    c.effopd.update(enabled=True, max_candidates=5, trigger="pow2", val_max_prompts=128)
-    c.eval.update(samples_per_prompt=32, temperature=1.0)
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
-    # Changed to fit (see the docstring): slots over a paged KV cache, one row per v5p:4x4x4 chip
-    # per micro-batch of scoring and update.
-    c.rollout.update(engine="continuous", slots=64)
-    c.micro_batch_size = 64
     return c

@@ -15,29 +15,21 @@ not that anything is learnt. About a minute on a 2-core CPU.
 
 import os
 
-from effopd_jax.config import DEFAULT_CONTEXT_TEMPLATE, default_config, teacher_config
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODELS = os.path.join(REPO_ROOT, "configs", "tiny")
-QWEN3_TOKENIZER_DIR = os.path.join(REPO_ROOT, "third_party", "qwen3_tokenizer")
-GSM8K_FILE = os.path.join(REPO_ROOT, "third_party", "gsm8k", "gsm8k_test_100.jsonl")
+from effopd_jax.config import DEFAULT_CONTEXT_TEMPLATE, default_config, load_config_file, teacher_config
 
 
 def get_config():
-    c = default_config()
-    c.seed = 0
-    c.total_steps = 8
-    c.checkpoint_every = 4
+    # configs/tiny_cpu.py's student, tokenizer, prompts, rollout and optimizer ...
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_cpu.py"))
+    defaults = default_config()
     c.export_hf = False
-    c.student.update(path=os.path.join(TINY_MODELS, "qwen3_h32.json"), init="random", init_seed=1,
-                     param_dtype="float32", compute_dtype="float32")
-    # GSM8K prompts are at most 167 tokens; with the solution in context at most 398.
+    # ... with no evaluation and no EffOPD (their settings back at the defaults: the schema refuses
+    # settings that a mode ignores) ...
+    c.data.update(eval_files=(), max_eval_prompts=defaults.data.max_eval_prompts)
+    c.effopd = defaults.effopd
+    # ... and the live student as its own teacher, the solution in the teacher's prompt. GSM8K
+    # prompts are at most 167 tokens; with the solution in context at most 398.
     c.teachers = (teacher_config(name="self", model="student_live", context_template=DEFAULT_CONTEXT_TEMPLATE,
                                  missing_solution="raise", max_prompt_length=448),)
-    c.tokenizer = QWEN3_TOKENIZER_DIR
-    c.data.update(train_files=(GSM8K_FILE,), prompts_per_step=8, max_prompt_length=192, solution_key="solution")
-    c.rollout.update(max_new_tokens=24, temperature=1.0)
-    c.loss.update(chunk_size=32)
-    c.optimizer.update(learning_rate=1e-3)
-    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    c.data.update(max_prompt_length=192, solution_key="solution")
     return c

@@ -5,7 +5,8 @@ Every setting is one :class:`~effopd_jax.config_schema.Field` of :data:`FIELDS` 
 which it applies. The rules that tie several fields together are :data:`CROSS_RULES`. From these
 come
 
-* :func:`default_config`: what the experiment files in ``configs/`` start from and override;
+* :func:`default_config`: what the experiment files in ``configs/`` start from and override
+  (:func:`load_config_file`: one experiment file building on another);
 * :func:`validate_config`: what the trainer calls before anything loads or compiles, so that a bad
   value is refused with a message naming the field;
 * :func:`markdown_reference`: ``docs/config.md`` (``python -m effopd_jax.config --markdown``).
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -582,6 +585,28 @@ def default_config() -> ml_collections.ConfigDict:
         else:
             node[leaf] = copy.deepcopy(field.default)
     return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of the experiment file at ``path``.
+
+    Experiment files are run by path (``--config=configs/x.py``), not imported as a package, so a
+    file that builds on another (the ExOPD run on the OPD run) loads it with this, by a path next
+    to its own: ``load_config_file(os.path.join(os.path.dirname(__file__), "other.py"))``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      AttributeError: the file defines no ``get_config()``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no experiment config file at {path!r}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"effopd_config_file_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise AttributeError(f"{path} defines no get_config()")
+    return module.get_config()
 
 
 # What a memory plan's checks see for every prompt-file field: files that are given but not read.

@@ -7,7 +7,6 @@ uninterrupted run, as tests/integration/test_reliability.py checks for one teach
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import os
 import jax
 import pytest
 
+from effopd_jax import config as config_lib
 from effopd_jax import data, train
 from effopd_jax.config import teacher_config
 from effopd_jax.metrics import read_metrics
@@ -117,11 +117,7 @@ def test_two_routed_teachers_report_per_teacher_kl_and_resume_exactly(tmp_path, 
 
 
 def _context_distill_config(**overrides):
-    spec = importlib.util.spec_from_file_location(
-        "tiny_cpu_context_distill", os.path.join(REPO_ROOT, "configs", "tiny_cpu_context_distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "tiny_cpu_context_distill.py"))
     config.total_steps = STEPS
     config.checkpoint_every = 1
     config.update(overrides)

@@ -29,12 +29,7 @@ REPO = REPO_ROOT
 
 def tiny_cpu_config():
     """``configs/tiny_cpu.py``'s own ``get_config()`` (randomly initialised tiny Qwen3 models)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(os.path.join(REPO, "configs", "tiny_cpu.py"))
 
 
 def set_field(config, key: str, value) -> None:

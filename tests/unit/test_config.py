@@ -5,7 +5,6 @@ Random hostile values are in ``tests/test_hostile_inputs.py``; here, the fixed p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -212,10 +211,15 @@ def test_command_line_override_of_the_old_teacher_group_meets_the_migration_mess
 
 
 def _load_config_file(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+
+
+def test_load_config_file_names_a_missing_file_and_a_file_without_get_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no experiment config file at"):
+        config_lib.load_config_file(str(tmp_path / "absent.py"))
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(AttributeError, match="defines no get_config"):
+        config_lib.load_config_file(str(tmp_path / "empty.py"))
 
 
 @pytest.mark.parametrize("name", ["qwen3_1p7b_opd_effopd", "qwen3_1p7b_exopd_effopd",

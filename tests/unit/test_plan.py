@@ -44,10 +44,7 @@ PAPER_CONFIGS = [os.path.join(REPO_ROOT, "configs", name)
 
 
 def load_config(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(path)
 
 
 def read_json(path: str) -> dict:
