@@ -10,9 +10,9 @@ import pytest
 from tests.integration.test_train import run, small_config
 
 
-def test_micro_batches_and_packing_reproduce_the_whole_step_losses(tmp_path):
+def test_micro_batches_and_packing_reproduce_the_whole_step_losses(tmp_path, whole_step_records):
     devices = jax.devices()[:1]
-    whole = run(small_config(), tmp_path / "whole", devices=devices)
+    whole = whole_step_records
     micro = run(small_config(micro_batch_size=4), tmp_path / "micro", devices=devices)
     packed = run(small_config(micro_batch_size=2, pack_sequences=True), tmp_path / "packed", devices=devices)
     assert [r["step"] for r in micro] == [r["step"] for r in packed] == [1, 2, 3]

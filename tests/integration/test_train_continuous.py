@@ -14,8 +14,8 @@ from tests.integration.test_train import run, small_config
 
 
 @pytest.mark.slow  # ~50 s of CPU with a cold compilation cache (the continuous programs at Qwen3's vocabulary)
-def test_continuous_engine_run_equals_the_static_engine_run(tmp_path):
-    static = run(small_config(), tmp_path / "static", devices=jax.devices()[:1])
+def test_continuous_engine_run_equals_the_static_engine_run(tmp_path, whole_step_records):
+    static = whole_step_records
     continuous = run(
         small_config(**{"rollout.engine": "continuous", "rollout.slots": 4, "rollout.page_size": 8,
                         "rollout.decode_steps": 8}),
