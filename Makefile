@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The demo's assets (task files, tokenizer, SFT teacher and student) are prepared explicitly,
 # then reused by the run; see examples/demo/.
