@@ -289,6 +289,10 @@ FIELDS: tuple[Field, ...] = (
     Field("rollout.top_p", 1.0, Real(low=0.0, high=1.0, low_open=True), "nucleus sampling mass; 1: off",
           applies_when=Greater("rollout.temperature", 0.0)),
     Field("rollout.samples_per_prompt", 1, Int(1), "rollouts per prompt"),
+    Field("rollout.weight_dtype", "", Choice(("",) + DTYPES),
+          "dtype of the student's weights while it samples (cast once per step; a decode step reads every "
+          "weight, so `bfloat16` halves its bytes); the behaviour log-probs are the cast model's, which the "
+          "loss's importance weight corrects for; `''`: the student's own params, uncast"),
     # Loss.
     Field("loss.name", "sampled_token", Choice(LOSSES),
           "`sampled_token`: the authors' loss on the sampled tokens; `full_reverse_kl`: exact reverse KL "

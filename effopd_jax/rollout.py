@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -165,6 +166,39 @@ _ENGINES: dict[str, EngineFactory] = {"static": StaticEngine}
 # The engine's own settings: field names under `config.rollout` (its schema rows apply when
 # `rollout.engine` names it).
 _ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {"static": ()}
+
+
+def _cast_floating(params: PyTree, dtype: Any) -> PyTree:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+_cast_floating_jit = jax.jit(_cast_floating, static_argnames="dtype")
+
+
+def cast_rollout_params(params: PyTree, weight_dtype: str | Any) -> PyTree:
+    """The params an engine samples with: floating leaves cast to ``weight_dtype`` (``config.rollout.weight_dtype``).
+
+    One jitted elementwise pass, once per step (each array keeps its sharding). A decode step
+    reads every weight once, so e.g. ``bfloat16`` weights halve its bytes; the returned behaviour
+    log-probs are then the cast model's (the distribution the tokens were drawn from), which the
+    loss's truncated importance weight ``exp(s_t - behaviour_t)`` reweights towards the
+    full-precision student. ``''``/None, or params already in that dtype: returned as they are.
+
+    Args:
+      params: the model's params tree.
+      weight_dtype: a dtype name (``"bfloat16"``, ...), a dtype, or ``''``/None for no cast.
+
+    Returns:
+      the params tree (new arrays where cast).
+    """
+    if weight_dtype in ("", None):
+        return params
+    dtype = jnp.dtype(weight_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"rollout.weight_dtype must be a floating dtype, got {weight_dtype!r}")
+    if all(x.dtype == dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)):
+        return params
+    return _cast_floating_jit(params, dtype=dtype)
 
 
 def register_rollout_engine(name: str, factory: EngineFactory, *, options: Sequence[str] = ()) -> None:

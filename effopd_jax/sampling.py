@@ -54,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 from effopd_jax import models
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.models import ModelConfig
+from effopd_jax.models import qwen as qwen_lib
 
 # Smallest prompt-length bucket: shorter prompts all share one compilation.
 MIN_PROMPT_BUCKET = 8
@@ -322,6 +323,12 @@ def _sample_padded(
         """[batch, prompt_len + max_new] valid cache slots once `num_fed` new tokens are cached."""
         return jnp.concatenate([prompt_mask, jnp.broadcast_to(generated_slots < num_fed, (batch, max_new))], axis=1)
 
+    # Decode carries one cache buffer per layer, each updated in place (see qwen.KVCache):
+    # splitting and re-stacking cost one cache copy per call, not one per token.
+    stacked = isinstance(cache, qwen_lib.KVCache) and not getattr(config, "scan_layers", False)
+    if stacked:
+        cache = qwen_lib.split_cache_layers(cache)
+
     # Prefill: hidden states rather than logits, so only one [batch, vocab] row per prompt is
     # ever projected (a [batch, prompt_len, vocab] logits tensor is large for real vocabularies).
     hidden, cache = models.forward(
@@ -378,7 +385,8 @@ def _sample_padded(
 
     state = jax.lax.while_loop(keep_going, decode_step, state)
     lengths = jnp.sum(state.mask, axis=-1, dtype=jnp.int32)
-    return SampleOutput(state.tokens, state.logprobs, state.mask, lengths), state.cache
+    cache = qwen_lib.stack_cache_layers(state.cache) if stacked else state.cache
+    return SampleOutput(state.tokens, state.logprobs, state.mask, lengths), cache
 
 
 # `mesh` is static only to key the compilation cache: the program traced under a mesh's

@@ -149,6 +149,8 @@ def attention(q: Array, k: Array, v: Array, mask: Array | AttentionMask, dtype: 
     averages every value, the blockwise form returns 0; no real token ever reads them.
     """
     if not isinstance(mask, AttentionMask):
+        if q.shape[1] == 1:  # one query per row: a cached decode step
+            return decode_attention(q, k, v, mask, dtype)
         return direct_attention(q, k, v, mask, dtype)
     impl = resolve_attention_impl(impl, dtype, has_segments=mask.segment_ids is not None)
     if impl == "direct":
@@ -187,6 +189,37 @@ def direct_attention(q: Array, k: Array, v: Array, mask: Array, dtype: DType) ->
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def decode_attention(q: Array, k: Array, v: Array, mask: Array, dtype: DType) -> Array:
+    """:func:`direct_attention` for one query per row (a decode step), as multiply-reduce.
+
+    With ``q_len == 1`` the two attention contractions are matrix-vector products per
+    (row, kv head): they are bound by reading the cached keys and values once, not by FLOPs.
+    Written as broadcast products summed over ``head_dim`` and over the cache slots, XLA fuses
+    each into one pass over the cache in its stored ``[batch, kv_len, kv_heads, head_dim]``
+    layout; the einsum of :func:`direct_attention` instead becomes a batched dot whose batch axes
+    (batch, kv head) must lead, i.e. a transposed copy of the layer's whole cache every step.
+
+      scores[b, t, k, g] = sum_d q[b, k, g, d] * keys[b, t, k, d] / sqrt(head_dim)   (float32)
+      probs = softmax over t of scores (masked slots: float32 min, as direct_attention)
+      out[b, k, g, d] = sum_t probs[b, t, k, g] * values[b, t, k, d]
+
+    q: [batch, 1, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask
+    [batch, 1, kv_len] bool. Returns [batch, 1, heads, head_dim] in `dtype`; equal to
+    :func:`direct_attention` up to float rounding.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    if q_len != 1:
+        raise ValueError(f"decode_attention takes one query per row, got q_len={q_len}")
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, 1, kv_heads, groups, head_dim).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.sum(q * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)       # [b, t, k, g]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1).astype(dtype)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(dtype), axis=1, dtype=jnp.float32)
+    return out.reshape(batch, 1, heads, head_dim).astype(dtype)
 
 
 def _balanced_block(seq: int, block_size: int) -> int:

@@ -331,13 +331,49 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
 class KVCache(NamedTuple):
     """Static-shape key/value cache for all layers.
 
-    k, v:  [layers, batch, max_len, kv_heads, head_dim] keys (after RoPE) and values.
+    k, v:  [layers, batch, max_len, kv_heads, head_dim] keys (after RoPE) and values; or, the
+      per-layer form (`split_cache_layers`, unrolled layers only), tuples of `layers` arrays
+      [batch, max_len, kv_heads, head_dim].
     index: int32 scalar, the next slot to write; slots `[0, index)` are filled.
+
+    The per-layer form is what a decode loop should carry: each layer's buffer is then a
+    separate loop value that `dynamic_update_slice` updates in place. With one stacked buffer a
+    layer must read its `[layer]` slice and write it back, and XLA copies the whole stack to
+    keep the old one alive for the read (measured in the compiled HLO of `sampling`).
     """
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
     index: Array
+
+
+def split_cache_layers(cache: KVCache) -> KVCache:
+    """The per-layer form of a stacked cache (tuples of `[batch, max_len, kv_heads, head_dim]`)."""
+    if isinstance(cache.k, tuple):
+        return cache
+    layers = cache.k.shape[0]
+    return cache._replace(k=tuple(cache.k[i] for i in range(layers)),
+                          v=tuple(cache.v[i] for i in range(layers)))
+
+
+def stack_cache_layers(cache: KVCache) -> KVCache:
+    """The stacked form (`[layers, ...]`) of a per-layer cache; a stacked one passes through."""
+    if not isinstance(cache.k, tuple):
+        return cache
+    return cache._replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
+
+
+def cache_layer(cache: KVCache, i: int) -> tuple[Array, Array]:
+    """Layer `i`'s `(keys, values)` `[batch, max_len, kv_heads, head_dim]` of either form."""
+    return cache.k[i], cache.v[i]
+
+
+def with_cache_layer(k: Array | tuple[Array, ...], v: Array | tuple[Array, ...], i: int,
+                     layer_cache: tuple[Array, Array]) -> tuple[Any, Any]:
+    """`(k, v)` (either form) with layer `i` replaced by `layer_cache`."""
+    if isinstance(k, tuple):
+        return k[:i] + (layer_cache[0],) + k[i + 1:], v[:i] + (layer_cache[1],) + v[i + 1:]
+    return k.at[i].set(layer_cache[0]), v.at[i].set(layer_cache[1])
 
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype: DType = jnp.bfloat16) -> KVCache:
@@ -495,11 +531,20 @@ def decoder_inputs(cfg: Any, input_ids: Array, *, positions: Array | None, atten
         q_slots = jnp.arange(seq)
         kv_len = seq
     else:
-        if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
-            raise ValueError(
-                f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
-                f" batch={batch}, max_len, kv_heads, head_dim]")
-        kv_len = cache.k.shape[2]
+        if isinstance(cache.k, tuple):  # the per-layer form
+            if len(cache.k) != cfg.num_hidden_layers or cache.k[0].shape[0] != batch:
+                raise ValueError(
+                    f"cache.k holds {len(cache.k)} layers of shape {cache.k[0].shape}; expected "
+                    f"{cfg.num_hidden_layers} of [batch={batch}, max_len, kv_heads, head_dim]")
+            if cfg.scan_layers:
+                raise ValueError("a per-layer cache (split_cache_layers) needs scan_layers=False")
+            kv_len = cache.k[0].shape[1]
+        else:
+            if cache.k.shape[:2] != (cfg.num_hidden_layers, batch):
+                raise ValueError(
+                    f"cache.k has shape {cache.k.shape}; expected [layers={cfg.num_hidden_layers},"
+                    f" batch={batch}, max_len, kv_heads, head_dim]")
+            kv_len = cache.k.shape[2]
         if attention_mask is not None and attention_mask.shape != (batch, kv_len):
             raise ValueError(
                 f"with a cache, attention_mask must be [batch, max_len] = {(batch, kv_len)}, "
@@ -591,12 +636,11 @@ class Qwen(nn.Module):
         else:
             new_k, new_v = (None, None) if cache is None else (cache.k, cache.v)
             for i in range(cfg.num_hidden_layers):
-                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                layer_cache = None if cache is None else cache_layer(cache, i)
                 hidden, layer_cache = layer_cls(cfg, name=f"layers_{i}")(
                     hidden, cos, sin, mask, layer_cache, cache_index)
                 if cache is not None:
-                    new_k = new_k.at[i].set(layer_cache[0])
-                    new_v = new_v.at[i].set(layer_cache[1])
+                    new_k, new_v = with_cache_layer(new_k, new_v, i, layer_cache)
             layer_caches = None if cache is None else (new_k, new_v)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)

@@ -41,7 +41,9 @@ from effopd_jax.models.family import (
 from effopd_jax.models.layers import (
     ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, Weight, constrain, rope_cos_sin,
 )
-from effopd_jax.models.qwen import MLP, Attention, KVCache, _rope_theta, decoder_inputs, init_cache
+from effopd_jax.models.qwen import (
+    MLP, Attention, KVCache, _rope_theta, cache_layer, decoder_inputs, init_cache, with_cache_layer,
+)
 
 Array = jax.Array
 DType = Any
@@ -392,12 +394,11 @@ class Qwen3Moe(nn.Module):
         else:
             new_k, new_v = (None, None) if cache is None else (cache.k, cache.v)
             for i, sparse in enumerate(cfg.sparse_layers):
-                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                layer_cache = None if cache is None else cache_layer(cache, i)
                 hidden, layer_cache = layer_cls(cfg, sparse, name=f"layers_{i}")(
                     hidden, cos, sin, mask, token_mask, layer_cache, cache_index)
                 if cache is not None:
-                    new_k = new_k.at[i].set(layer_cache[0])
-                    new_v = new_v.at[i].set(layer_cache[1])
+                    new_k, new_v = with_cache_layer(new_k, new_v, i, layer_cache)
             layer_caches = None if cache is None else (new_k, new_v)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)

@@ -37,7 +37,7 @@ from effopd_jax.effopd import (
     find_effopd_state,
 )
 from effopd_jax.objectives import OPDBatch
-from effopd_jax.rollout import Rollout
+from effopd_jax.rollout import Rollout, cast_rollout_params
 from effopd_jax.sampling import batch_shards
 from effopd_jax.sharding import to_host
 from effopd_jax.teachers import TeacherStepStats
@@ -204,7 +204,7 @@ class Trainer:
         clock = Stopwatch()
 
         rows = self.next_rows()
-        rollout = self.engines["rollout"].generate(self.student_params(), rows.prompt_token_ids,
+        rollout = self.engines["rollout"].generate(self.rollout_params(), rows.prompt_token_ids,
                                                    jax.random.fold_in(step_key, 0))
         clock.lap("rollout_seconds", rollout)
         plan = self.packing_plan(rollout) if self.config.pack_sequences else None
@@ -225,6 +225,11 @@ class Trainer:
     def student_params(self) -> PyTree:
         """The student's model params (trainable merged with frozen)."""
         return self.parameterization.merge(self.state.trainable_params, self.frozen_params)
+
+    def rollout_params(self) -> PyTree:
+        """The params the step's rollout samples with: :meth:`student_params`, cast once to
+        ``config.rollout.weight_dtype`` when set (``rollout.cast_rollout_params``)."""
+        return cast_rollout_params(self.student_params(), self.config.rollout.weight_dtype)
 
     def next_rows(self) -> data.PromptBatch:
         """This process's rows of the next step: its prompts, each repeated ``samples_per_prompt``

@@ -220,3 +220,22 @@ def test_compiled_memory_grows_linearly_with_the_sequence():
     assert direct > 10, direct
     assert blockwise < 5, blockwise
     assert blockwise_long < _compiled_temp_bytes("direct", long) / 8
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_equals_direct(dtype):
+    """One query per row (a decode step over a cache), by the multiply-reduce form that
+    `attention` uses for a dense mask with q_len 1; row 2 has no visible key (finite output)."""
+    rng = np.random.RandomState(3)
+    q = jnp.asarray(rng.randn(BATCH, 1, HEADS, HEAD_DIM), dtype)
+    k = jnp.asarray(rng.randn(BATCH, SEQ, KV_HEADS, HEAD_DIM), dtype)
+    v = jnp.asarray(rng.randn(BATCH, SEQ, KV_HEADS, HEAD_DIM), dtype)
+    mask = np.ones((BATCH, 1, SEQ), bool)
+    mask[0, :, :7] = False
+    mask[1, :, 20:] = False
+    mask[2] = False
+    want = layers.direct_attention(q, k, v, jnp.asarray(mask), dtype)
+    got = layers.attention(q, k, v, jnp.asarray(mask), dtype)
+    assert got.dtype == want.dtype and got.shape == (BATCH, 1, HEADS, HEAD_DIM)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)

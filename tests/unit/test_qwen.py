@@ -16,7 +16,7 @@ import pytest
 
 from effopd_jax.models import qwen
 from effopd_jax.models.qwen import (KVCache, Qwen, QwenConfig, UnsupportedConfigError,
-                                    init_cache, init_params, lm_head_weight)
+                                    init_cache, init_params, lm_head_weight, split_cache_layers)
 from helpers_qwen import random_params, stack_layers, tiny_config
 from helpers_tiny import REPO_ROOT
 
@@ -336,6 +336,17 @@ def test_kv_cache_prefill_and_decode_match_full_forward(model_and_params, scan_l
 
     if scan_layers:
         return
+    # The per-layer form of the cache (the sampler's decode loop) gives the same logits and
+    # stays per-layer.
+    cache = split_cache_layers(init_cache(config, batch, total, dtype=jnp.float32))
+    logits, cache = step(params, ids[:, :prompt_len], cache, full_mask)
+    per_layer = [logits]
+    for t in range(prompt_len, total):
+        logits, cache = step(params, ids[:, t:t + 1], cache, full_mask)
+        per_layer.append(logits)
+    assert isinstance(cache.k, tuple) and len(cache.k) == config.num_hidden_layers
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(per_layer, axis=1)), np.asarray(got), atol=1e-6)
+
     # Explicit positions and a mask that only covers the slots written so far agree too.
     cache = init_cache(config, batch, total, dtype=jnp.float32)
     positions = np.maximum(np.cumsum(np.asarray(full_mask), 1) - 1, 0)

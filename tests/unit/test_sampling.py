@@ -8,6 +8,7 @@ re-implementation of temperature / top-k / top-p for the chi-square tests.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import flax.linen as nn
 import jax
@@ -426,8 +427,10 @@ def test_no_recompilation_within_a_bucket(config, params):
     assert out.tokens.shape == (4, 4) and out.mask.all()
 
 
-def test_cache_buffers_are_donated(config, params):
-    """The cache argument is donated and aliased to an output, so XLA updates it in place."""
+def test_cache_buffers_are_donated_and_never_copied(config, params):
+    """The cache argument is donated and aliased to an output, and the compiled program never
+    copies a cache buffer (a whole layer's, or the stack): each decode step updates the
+    per-layer buffers in place."""
     padded = sampling.pad_prompts(PROMPTS)
     settings = sampling.SamplingSettings(max_new_tokens=4)
     cache = init_cache(config, padded.ids.shape[0], padded.ids.shape[1] + 4, jnp.float32)
@@ -436,6 +439,9 @@ def test_cache_buffers_are_donated(config, params):
     )
     # k, v and index of the cache (the last three inputs) alias outputs.
     assert lowered.as_text().count("tf.aliasing_output") == 3
+    layer_shape = ",".join(map(str, cache.k.shape[1:]))
+    copies = re.findall(rf"= f32\[(?:{cache.k.shape[0]},)?{layer_shape}\]\S* copy\(", lowered.compile().as_text())
+    assert copies == []
 
 
 def test_sharded_greedy_equals_single_device(config, params):

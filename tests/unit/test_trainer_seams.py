@@ -220,3 +220,40 @@ def test_only_the_trainable_part_is_optimized(mesh, student_params, teacher, sam
                            state.trainable_params, new_state.trainable_params)
     assert all(jax.tree.leaves(changed))
     assert isinstance(new_state, TrainState)
+
+
+def test_rollout_weight_dtype_samples_with_cast_weights_and_the_importance_weight_corrects(
+        mesh, student_params, sampled):
+    """`rollout.weight_dtype`: the engine samples from the bfloat16-cast student, its behaviour
+    log-probs are the cast model's, and the sampled-token loss reweights them towards the float32
+    student by w = exp(s - behaviour): finite, near 1, and the loss equals its numpy formula."""
+    from effopd_jax import losses
+
+    assert rollout.cast_rollout_params(student_params, "") is student_params
+    cast = rollout.cast_rollout_params(student_params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    assert rollout.cast_rollout_params(cast, "bfloat16") is cast
+    with pytest.raises(ValueError, match="weight_dtype"):
+        rollout.cast_rollout_params(student_params, "int8")
+
+    prompts, _ = sampled
+    engine = rollout.make_rollout_engine(
+        "static", model_config=CONFIG, mesh=mesh, prompt_length=PROMPT,
+        settings=sampling.SamplingSettings(max_new_tokens=NEW, temperature=1.0, eos_token_ids=(0,)))
+    out = engine.generate(cast, prompts, jax.random.key(7))
+    valid = np.asarray(out.response_mask)
+    behaviour = np.asarray(out.behaviour_logprobs, np.float64)
+    # The cast model's log-probs (independent unchunked forward with the bfloat16 weights).
+    np.testing.assert_allclose(behaviour[valid], _full_logprobs(CONFIG, cast, out)[valid], atol=2e-5)
+    student = _full_logprobs(CONFIG, student_params, out)
+    weight = np.exp(student - behaviour)[valid]
+    assert np.all(np.isfinite(weight)) and np.max(np.abs(weight - 1)) < 0.05 and np.any(weight != 1)
+
+    teacher_logprobs = np.log(np.random.RandomState(3).dirichlet(np.ones(VOCAB), ROWS * NEW).max(-1)).reshape(ROWS, NEW)
+    loss, _ = losses.sampled_token_opd_loss(
+        jnp.asarray(student, jnp.float32), jnp.asarray(teacher_logprobs, jnp.float32), jnp.asarray(valid),
+        behaviour_logprobs=jnp.asarray(behaviour, jnp.float32), is_threshold=5.0)
+    per_token = -np.minimum(np.exp(student - behaviour), 5.0) * (teacher_logprobs - student)
+    want = np.mean([per_token[r][valid[r]].mean() for r in range(ROWS)])
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4, atol=1e-6)
