@@ -625,7 +625,7 @@ def gated_delta_rule_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array
         o_t = e^{G_t} S_0^T q_t + sum_{j<=t} e^{G_t - G_j} (q_t.k_j) u_j
 
     `U = T (beta V) - T (beta e^G K) S_0` with `T = (I + A)^{-1}` from one unit lower-triangular
-    solve per chunk (in parallel over chunks); only the `S_0 -> S_C` hand-off is sequential
+    inverse per chunk (in parallel over chunks); only the `S_0 -> S_C` hand-off is sequential
     (`lax.scan` over chunks); `T` is built by `unit_lower_triangular_inverse` (matmuls, no
     LAPACK call). Every exponent is of a non-positive number (`G_t - G_j` for
     `j <= t`), so nothing overflows. Positions added to fill the last chunk have `g = beta = 0`
