@@ -15,18 +15,19 @@ untied. EffOPD extrapolates the attention, linear-attention (conv included) and 
 their norms, not A_log / dt_bias (docs/effopd_rule.md#qwen35-hybrids).
 
 Memory (README.md#memory-plan): the models are named by `hf_name`, so the plan runs on this
-file as it is, e.g.
-    python -m effopd_jax.plan --config=configs/qwen3p5_0p8b_from_9b_opd_effopd.py --topology=v5p:4x4x4 \
-      --config.data.prompts_per_step=64
-With one row per chip (64 rows; 2026-11-29, XLA:TPU compiled on CPU) the peaks per v5p chip are
-optimizer_init 0.42 GiB, rollout 3.50 GiB, teacher_scoring 23.04 GiB (the 9B teacher's dense
-attention scores over 18,432 positions); the update and EffOPD's programs were not planned yet
-(that run was stopped after 52 minutes of compiling on a shared 2-core CPU). Why the hybrid is cheap to roll out: only the 6 gated
-attention layers of 24 keep KV (2 heads x 256, bfloat16: 12 KiB per position, 0.23 GB per row
-of 18,432 positions); the 18 linear layers keep a fixed float32 state (18 x 16 x 128 x 128 x 4 B
-= 19 MB per row) whatever the length. All 1,024 rows at once (the setting below) needs ~230 GB
-of KV across the mesh plus every phase's activations for 1,024 rows: plan it before renting,
-and lower the rows per phase (or rollout.max_new_tokens) until it fits.
+file as it is:
+    python -m effopd_jax.plan --config=configs/qwen3p5_0p8b_from_9b_opd_effopd.py --topology=v5p:4x4x4
+Shipped with `micro_batch_size=64` (one row per v5p:4x4x4 chip per micro-batch of teacher
+scoring and the update, as the Qwen3 configs); the rollout stays on the static engine (the
+continuous engine needs a paged cache, which this family does not have yet) and still fits,
+because only 6 of 24 layers keep KV. Peak GiB per v5p chip (XLA:TPU compiled on this CPU
+machine, 2026-11-29; table in the README): optimizer_init 0.42, rollout 31.52 (all 1,024 rows;
+the largest buffer is the prefill's dense attention scores, 18 GiB), teacher_scoring 5.78,
+update 20.67, effopd_candidate 0.51, effopd_validation_rollout 31.57, eval_rollout 31.52: every
+program fits (95 GiB). Why the hybrid is cheap to roll out: only the 6 gated attention layers of
+24 keep KV (2 heads x 256, bfloat16: 12 KiB per position, 0.23 GB per row of 18,432 positions,
+~3.6 GB per chip for 1,024 rows over 64 chips); the 18 linear layers keep a fixed float32 state
+(18 x 16 x 128 x 128 x 4 B = 19 MB per row) whatever the length.
 
 Model and data paths are the user's: set them on the command line, e.g.
     python -m effopd_jax.train --config=configs/qwen3p5_0p8b_from_9b_opd_effopd.py --workdir=gs://b/run \
@@ -54,4 +55,6 @@ def get_config():
     c.effopd.update(enabled=True, max_candidates=5, trigger="pow2", val_max_prompts=128)
     c.eval.update(samples_per_prompt=32, temperature=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # One row per v5p:4x4x4 chip per micro-batch of teacher scoring and the update (see the docstring).
+    c.micro_batch_size = 64
     return c

@@ -559,6 +559,58 @@ def gated_delta_rule_recurrent(q: Array, k: Array, v: Array, g: Array, beta: Arr
     return jnp.moveaxis(out, 0, 1), state
 
 
+def unit_lower_triangular_inverse(a: Array) -> Array:
+    """`(I + A)^{-1}` for strictly lower-triangular `A` `[..., C, C]`, by block doubling.
+
+    With `L = I + A` split into halves, `[[L11, 0], [L21, L22]]^{-1} =
+    [[L11^{-1}, 0], [-L22^{-1} L21 L11^{-1}, L22^{-1}]]`. Starting from the `1 x 1` diagonal
+    blocks (all 1), each of `ceil(log2 C)` rounds joins neighbouring diagonal blocks of size `s`
+    into blocks of size `2 s` with two batched matmuls, so the result is built from matmuls and
+    slices only (parallel, differentiable by XLA, MXU-shaped on TPU). Every intermediate is the
+    exact inverse of a diagonal block of `L`, so nothing grows beyond the entries of `T` itself.
+    `C` that is not a power of two is padded with an identity block (dropped at the end).
+
+    Why not `jax.lax.linalg.triangular_solve`: on XLA:CPU (jaxlib 0.10.2) it is the LAPACK
+    custom call `lapack_strsm_ffi`, which splits its batch with `jax::ParallelBatchMap` onto
+    the intra-op thread pool and blocks on a counter until those pieces finish. The backward
+    pass of the chunked rule has several independent solves; when the thunk executor runs as
+    many of them at once as the pool has threads (2 on a 2-core machine), every pool thread
+    waits for pieces queued behind it and the program never finishes (all threads idle on a
+    futex; gdb: `BlockingCounter::Wait` <- `ParallelBatchMap` <- `TriMatrixEquationSolver`).
+    Reproduction: `jax.jit(jax.grad(lambda *x: (gated_delta_rule_chunked(*x)[0] ** 2).sum(),
+    argnums=range(5)))` on batch 1, 128 tokens (two chunks), 8 heads of 64 features, called
+    in a loop: a few calls return, then one hangs (benchmarks/qwen3_5_speed.py's
+    forward+backward at 4 x 128 tokens stalled on its second call the same way).
+
+    Args:
+      a: `[..., C, C]`, zero on and above the diagonal (entries there are ignored).
+
+    Returns:
+      `[..., C, C]` unit lower-triangular `T` with `T (I + A) = I`.
+    """
+    size = a.shape[-1]
+    batch = a.shape[:-2]
+    full = 1 << max(size - 1, 0).bit_length()   # next power of two
+    a = jnp.tril(a, -1)
+    if full != size:
+        a = jnp.pad(a, [(0, 0)] * len(batch) + [(0, full - size)] * 2)
+    inverse = jnp.ones(batch + (full, 1, 1), a.dtype)    # inverses of the diagonal blocks
+    block = 1
+    while block < full:
+        pairs = full // (2 * block)
+        # L21 of every pair: rows of its second block, columns of its first one.
+        tiles = a.reshape(batch + (pairs, 2, block, pairs, 2, block))[..., :, 1, :, :, 0, :]
+        lower_left = jnp.moveaxis(jnp.diagonal(tiles, axis1=-4, axis2=-2), -1, -3)
+        first, second = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        joined_lower = -jnp.matmul(second, jnp.matmul(lower_left, first, precision=_HIGHEST),
+                                   precision=_HIGHEST)
+        inverse = jnp.concatenate([
+            jnp.concatenate([first, jnp.zeros_like(first)], axis=-1),
+            jnp.concatenate([joined_lower, second], axis=-1)], axis=-2)
+        block *= 2
+    return inverse[..., 0, :size, :size]
+
+
 def gated_delta_rule_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array,
                              initial_state: Array | None = None,
                              chunk_size: int = DELTA_RULE_CHUNK) -> tuple[Array, Array]:
@@ -573,8 +625,9 @@ def gated_delta_rule_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array
         o_t = e^{G_t} S_0^T q_t + sum_{j<=t} e^{G_t - G_j} (q_t.k_j) u_j
 
     `U = T (beta V) - T (beta e^G K) S_0` with `T = (I + A)^{-1}` from one unit lower-triangular
-    solve per chunk (in parallel over chunks); only the `S_0 -> S_C` hand-off is sequential
-    (`lax.scan` over chunks). Every exponent is of a non-positive number (`G_t - G_j` for
+    inverse per chunk (in parallel over chunks); only the `S_0 -> S_C` hand-off is sequential
+    (`lax.scan` over chunks); `T` is built by `unit_lower_triangular_inverse` (matmuls, no
+    LAPACK call). Every exponent is of a non-positive number (`G_t - G_j` for
     `j <= t`), so nothing overflows. Positions added to fill the last chunk have `g = beta = 0`
     and leave the state unchanged.
     """
@@ -599,8 +652,9 @@ def gated_delta_rule_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array
     einsum = lambda spec, a, b: jnp.einsum(spec, a, b, precision=_HIGHEST)  # noqa: E731
     a = jnp.where(strict, beta[..., :, None] * einsum("...td,...jd->...tj", k, k) * decay, 0.0)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True,
-                                             unit_diagonal=True)
+    # T = (I + A)^{-1} by matmuls only, not `lax.linalg.triangular_solve`: see
+    # `unit_lower_triangular_inverse` for the XLA:CPU deadlock that call hits.
+    solved = einsum("...tj,...jd->...td", unit_lower_triangular_inverse(a), rhs)
     u_part, w = solved[..., :d_v], solved[..., d_v:]                # T beta V, T beta e^G K
     scores = einsum("...td,...jd->...tj", q, k) * decay             # causal, incl. the diagonal
     q_decayed = q * jnp.exp(cum)[..., None]

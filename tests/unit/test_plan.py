@@ -104,6 +104,21 @@ def test_paper_configs_plan_as_they_are(path):
     assert student.param_dtype == jnp.float32 and teacher.param_dtype == jnp.bfloat16
 
 
+def test_qwen3_5_config_plans_as_it_is():
+    """The hybrid config's models come from their bundled configs (no checkpoint), as the plan reads them."""
+    config = load_config(os.path.join(REPO_ROOT, "configs", "qwen3p5_0p8b_from_9b_opd_effopd.py"))
+    config_lib.validate_config(config, for_plan=True)
+    student = plan.model_config(config.student, "student", remat=config.student.remat)
+    teacher = plan.model_config(config.teachers[0], "teachers[0]")
+    for model, name in ((student, "Qwen/Qwen3.5-0.8B"), (teacher, "Qwen/Qwen3.5-9B")):
+        hf = published_configs.hf_config(name)
+        text = hf.get("text_config", hf)
+        assert model.model_type == "qwen3_5" and model.scan_layers
+        assert (model.hidden_size, model.num_hidden_layers, model.vocab_size) == (
+            text["hidden_size"], text["num_hidden_layers"], text["vocab_size"])
+    assert student.layer_types.count("full_attention") == 6 and teacher.num_hidden_layers == 32
+
+
 def test_plan_checks_name_the_field():
     config = load_config(PAPER_CONFIGS[0])
     config.teachers[0].hf_name = ""

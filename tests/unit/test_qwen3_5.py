@@ -242,6 +242,20 @@ def test_gated_delta_rule_recurrent_and_chunked_forms_equal_the_numpy_recurrence
     np.testing.assert_allclose(np.asarray(out_s), np.asarray(ref_s), atol=2e-5)
 
 
+def test_unit_lower_triangular_inverse_matches_numpy_and_the_rule_calls_no_lapack():
+    rng = np.random.RandomState(2)
+    for size in (1, 6, 16):  # 6: padded to 8 inside
+        a = rng.randn(2, size, size) * 0.5
+        got = np.asarray(qwen3_5.unit_lower_triangular_inverse(jnp.asarray(a, jnp.float32)))
+        np.testing.assert_allclose(got, np.linalg.inv(np.eye(size) + np.tril(a, -1)), atol=1e-5)
+    # The stall regression guard: the chunked rule and its gradient are built without the LAPACK
+    # custom calls (triangular_solve) that deadlock XLA:CPU's intra-op pool when run concurrently.
+    args = [jnp.ones((1, 12, 2, 4))] * 3 + [-jnp.ones((1, 12, 2))] * 2
+    loss = lambda *x: qwen3_5.gated_delta_rule_chunked(*x, chunk_size=4)[0].sum()  # noqa: E731
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args))
+    assert "triangular_solve" not in text and "custom_call" not in text
+
+
 def test_causal_conv_and_norms_match_numpy():
     rng = np.random.RandomState(1)
     x, kernel, state = (rng.randn(*shape).astype(np.float32) for shape in ((2, 5, 3), (4, 3), (2, 3, 3)))
