@@ -28,12 +28,13 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effopd_jax.models import moe
 from effopd_jax.models.family import (
     EMBEDDING, LM_HEAD, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
 )
-from effopd_jax.models.layers import Weight, constrain
+from effopd_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Weight, constrain
 
 Array = jax.Array
 
@@ -50,7 +51,43 @@ def canonical_dtype(value: Any, owner: str, field: str) -> jnp.dtype:
 
 
 class DecoderConfig:
-    """Mixin of the family config dataclasses: their plain-JSON form."""
+    """Mixin of the family config dataclasses: their plain-JSON form and the checks every
+    decoder config shares (called from the dataclass's `__post_init__`)."""
+
+    def _check_decoder_fields(self, positive: tuple[str, ...]) -> None:
+        """Canonicalises `param_dtype` / `dtype` and `eos_token_id` (a list becomes a tuple) and
+        checks the fields every decoder has: `positive` ints > 0, query heads a multiple of the
+        KV heads, `remat` and `attention_impl` known; ValueError naming the field otherwise."""
+        owner = type(self).__name__
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("param_dtype", canonical_dtype(self.param_dtype, owner, "param_dtype"))
+        set_("dtype", canonical_dtype(self.dtype, owner, "dtype"))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"{owner}.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"{owner}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"{owner}.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+
+    def _check_router_fields(self) -> None:
+        """A mixture of experts' runtime fields: `moe_impl` known, `router_aux_loss_coef` and
+        `router_z_loss_coef` finite and >= 0."""
+        owner = type(self).__name__
+        if self.moe_impl not in moe.MOE_IMPLS:
+            raise ValueError(f"{owner}.moe_impl must be one of {moe.MOE_IMPLS}, got {self.moe_impl!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0 or not np.isfinite(value):
+                raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as JSON-serialisable values (dtypes by name, tuples as lists)."""

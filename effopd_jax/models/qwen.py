@@ -32,17 +32,16 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effopd_jax.models.decoder import (
-    DecoderConfig, DecoderFamily, canonical_dtype, embed_tokens, global_param_info, layer_rows,
+    DecoderConfig, DecoderFamily, embed_tokens, global_param_info, layer_rows,
     lm_output,
 )
 from effopd_jax.models.family import (
     BIAS, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, RMSNorm,
+    REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, RMSNorm,
     apply_rope, attention, constrain, rope_cos_sin,
 )
 from effopd_jax.models import paged
@@ -103,26 +102,10 @@ class QwenConfig(DecoderConfig):
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, "QwenConfig", "param_dtype"))
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "QwenConfig", "dtype"))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"QwenConfig.{name} must be a positive int, got {value!r}")
+        self._check_decoder_fields(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim"))
         if self.head_dim % 2:
             raise ValueError(f"QwenConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"QwenConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                f"of num_key_value_heads ({self.num_key_value_heads})")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"QwenConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"QwenConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
         if self.model_type not in QWEN_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"QwenConfig.model_type {self.model_type!r} is not supported "

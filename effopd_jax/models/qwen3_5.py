@@ -76,18 +76,17 @@ from typing import Any, ClassVar, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effopd_jax.models import moe
 from effopd_jax.models.decoder import (
-    DecoderConfig, DecoderFamily, canonical_dtype, embed_tokens, global_param_info, layer_rows,
+    DecoderConfig, DecoderFamily, embed_tokens, global_param_info, layer_rows,
     lm_output,
 )
 from effopd_jax.models.family import (
     BIAS, CONV, DECAY, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, Weight, apply_rope, attention,
+    REMAT_POLICY_FNS, AttentionMask, Linear, Weight, apply_rope, attention,
     constrain, rope_cos_sin,
 )
 
@@ -202,17 +201,10 @@ class Qwen3_5Config(DecoderConfig):
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("param_dtype", canonical_dtype(self.param_dtype, type(self).__name__, "param_dtype"))
-        set_("dtype", canonical_dtype(self.dtype, type(self).__name__, "dtype"))
-        if isinstance(self.eos_token_id, list):
-            set_("eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-                     "linear_num_key_heads", "linear_num_value_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"Qwen3_5Config.{name} must be a positive int, got {value!r}")
+        self._check_decoder_fields((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads"))
         if self.model_type not in (self.MULTIMODAL_TYPE, self.TEXT_TYPE):
             raise UnsupportedConfigError(
                 f"{type(self).__name__}.model_type {self.model_type!r} is not supported "
@@ -226,10 +218,6 @@ class Qwen3_5Config(DecoderConfig):
         if unknown:
             raise UnsupportedConfigError(
                 f"config field layer_types: {unknown} not implemented (only {LAYER_TYPES})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Qwen3_5Config.num_attention_heads ({self.num_attention_heads}) must be a "
-                f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ValueError(
                 f"Qwen3_5Config.linear_num_value_heads ({self.linear_num_value_heads}) must be a "
@@ -241,11 +229,6 @@ class Qwen3_5Config(DecoderConfig):
             raise ValueError(
                 f"Qwen3_5Config: rotary_dim = int(head_dim * partial_rotary_factor) = "
                 f"{self.rotary_dim} must be even and >= 2")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"Qwen3_5Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Qwen3_5Config.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
         extra = json.loads(self.hf_extra) if self.hf_extra else {}
         if not isinstance(extra, dict) or set(extra) - {"config", "text_config"}:
             raise ValueError("Qwen3_5Config.hf_extra must be JSON of "

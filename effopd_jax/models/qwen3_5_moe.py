@@ -86,13 +86,7 @@ class Qwen3_5MoeConfig(qwen3_5.Qwen3_5Config):
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"Qwen3_5MoeConfig.num_experts_per_tok ({self.num_experts_per_tok}) "
                              f"exceeds num_experts ({self.num_experts})")
-        if self.moe_impl not in moe.MOE_IMPLS:
-            raise ValueError(f"Qwen3_5MoeConfig.moe_impl must be one of {moe.MOE_IMPLS}, "
-                             f"got {self.moe_impl!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or not np.isfinite(value):
-                raise ValueError(f"Qwen3_5MoeConfig.{name} must be a finite number >= 0, got {value!r}")
+        self._check_router_fields()
 
     @property
     def shared_expert_intermediate_size(self) -> int:

@@ -35,14 +35,14 @@ import numpy as np
 
 from effopd_jax.models import moe
 from effopd_jax.models.decoder import (
-    DecoderConfig, DecoderFamily, canonical_dtype, embed_tokens, expert_stack_info,
+    DecoderConfig, DecoderFamily, embed_tokens, expert_stack_info,
     global_param_info, layer_rows, lm_output,
 )
 from effopd_jax.models.family import (
     BIAS, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, constrain, rope_cos_sin,
+    REMAT_POLICY_FNS, RMSNorm, constrain, rope_cos_sin,
 )
 from effopd_jax.models.qwen import (
     KV_CACHE_LOGICAL_AXES, MLP, Attention, KVCache, _rope_theta, decoder_inputs, init_cache,
@@ -114,17 +114,12 @@ class Qwen3MoeConfig(DecoderConfig):
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, "Qwen3MoeConfig", "param_dtype"))
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "Qwen3MoeConfig", "dtype"))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "moe_intermediate_size", "decoder_sparse_step", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"Qwen3MoeConfig.{name} must be a positive int, got {value!r}")
+        self._check_decoder_fields((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "moe_intermediate_size", "decoder_sparse_step",
+            "num_experts_per_tok"))
+        self._check_router_fields()
         if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts < 0:
             raise ValueError(f"Qwen3MoeConfig.num_experts must be an int >= 0, got {self.num_experts!r}")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
@@ -132,25 +127,10 @@ class Qwen3MoeConfig(DecoderConfig):
                              f"exceeds num_experts ({self.num_experts})")
         if self.head_dim % 2:
             raise ValueError(f"Qwen3MoeConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Qwen3MoeConfig.num_attention_heads ({self.num_attention_heads}) must be a "
-                f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"Qwen3MoeConfig.mlp_only_layers has layers {bad} outside "
                              f"[0, {self.num_hidden_layers})")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"Qwen3MoeConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Qwen3MoeConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
-        if self.moe_impl not in moe.MOE_IMPLS:
-            raise ValueError(f"Qwen3MoeConfig.moe_impl must be one of {moe.MOE_IMPLS}, got {self.moe_impl!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or not np.isfinite(value):
-                raise ValueError(f"Qwen3MoeConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.model_type not in QWEN3_MOE_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"Qwen3MoeConfig.model_type {self.model_type!r} is not supported "
