@@ -32,7 +32,7 @@ import numpy as np
 
 from effopd_jax.models import moe
 from effopd_jax.models.family import (
-    EMBEDDING, LM_HEAD, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
+    EMBEDDING, LM_HEAD, NORM, AuxOutput, FusedHF, ModelFamily, ModelLayout, ParamInfo,
 )
 from effopd_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Weight, constrain
 
@@ -178,15 +178,25 @@ def layer_rows(path: tuple[str, ...], num_layers: int, period: int = 0
     raise ValueError(f"no layout entry for the parameter {'/'.join(path)}")
 
 
-def expert_stack_info(info: ParamInfo, num_experts: int) -> ParamInfo:
+def expert_stack_info(info: ParamInfo, num_experts: int, fused: bool = False) -> ParamInfo:
     """A layer's `mlp/experts/<proj>` entry as the stack of `num_experts` HF tensors, one per
-    expert (`...mlp.experts.{e}.<proj>.weight`, the `experts` axis after any `layers` one)."""
+    expert (`...mlp.experts.{e}.<proj>.weight`, the `experts` axis after any `layers` one).
+
+    With `fused`, checkpoints may instead hold one tensor per layer for all experts
+    (`ParamInfo.hf_fused`): `...mlp.experts.gate_up_proj [E, 2I, H]` (gate rows, then up rows,
+    as transformers' experts forward chunks it) and `...mlp.experts.down_proj [E, H, I]`."""
     proj = info.path[-2]
     prefix = info.hf_names[0][:info.hf_names[0].index(f"layers.{info.layers[0]}.")]
     names = tuple(f"{prefix}layers.{layer}.mlp.experts.{e}.{proj}.weight"
                   for layer in info.layers for e in range(num_experts))
+    hf_fused = None
+    if fused:
+        fused_proj, part, parts = {"gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2),
+                                   "down_proj": ("down_proj", 0, 1)}[proj]
+        hf_fused = FusedHF(tuple(f"{prefix}layers.{layer}.mlp.experts.{fused_proj}" for layer in info.layers),
+                           part, parts)
     return dataclasses.replace(info, stack_axes=info.stack_axes + ("experts",), hf_names=names,
-                               experts=num_experts)
+                               experts=num_experts, hf_fused=hf_fused)
 
 
 # ============================================================================================

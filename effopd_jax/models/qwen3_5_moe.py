@@ -159,7 +159,7 @@ def _param_info(config: Qwen3_5MoeConfig, path: tuple[str, ...]) -> ParamInfo:
     and the two gates in the `router` group."""
     info = qwen3_5._param_info(config, path)
     if info.module.startswith("mlp/experts/"):
-        return expert_stack_info(info, config.num_experts)
+        return expert_stack_info(info, config.num_experts, fused=True)
     if info.module in ("mlp/gate", "mlp/shared_expert_gate"):
         # The router and the shared expert's sigmoid gate mix experts: not extrapolated by EffOPD
         # by default (docs/architecture.md#mixture-of-experts).

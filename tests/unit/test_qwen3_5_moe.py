@@ -4,13 +4,17 @@ References: transformers' `Qwen3_5MoeForCausalLM` / `Qwen3_5MoeForConditionalGen
 float32 (logits with left padding, the load-balancing loss, loading our export as the class it
 came from), the safetensors files themselves (round trip, carried vision / MTP tensors) and the
 uncached forward (cache). Tiny random checkpoints: tests/helpers_moe.py (8 experts, top-2, a
-shared expert, 3 linear-attention layers and 1 full-attention layer).
+shared expert, 3 linear-attention layers and 1 full-attention layer), saved per expert by
+`save_pretrained`; their fused-experts copies (the published checkpoints' form) hold transformers'
+in-memory `mlp.experts.gate_up_proj` / `down_proj` tensors instead.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +24,7 @@ import torch
 import transformers
 
 from effopd_jax import models
-from effopd_jax.models.hf import _SafetensorsReader
+from effopd_jax.models.hf import CheckpointError, MissingTensorError, _SafetensorsReader
 from effopd_jax.models.qwen3_5_moe import Qwen3_5MoeConfig
 from helpers_moe import QWEN3_5_MOE_MTP, QWEN3_5_MOE_TEXT, make_tiny_qwen3_5_moe_checkpoint
 
@@ -64,6 +68,34 @@ def _padded_batch(seed: int = 0, rows: int = 3, seq: int = 10):
 def _tensors(path) -> dict[str, np.ndarray]:
     reader = _SafetensorsReader(str(path))
     return {name: np.asarray(reader.array(name)) for name in reader.records}
+
+
+_SEPARATE_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.\d+\.")
+_FUSED_EXPERTS = re.compile(r"layers\.\d+\.mlp\.experts\.(gate_up|down)_proj$")
+
+
+def _write_checkpoint(path, tensors, config_from):
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    path.mkdir(parents=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(config_from / "config.json", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoints(checkpoints, tmp_path_factory):
+    """The published form of each checkpoint: its routed experts replaced by the fused tensors of
+    transformers' in-memory model (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, the names
+    the published checkpoints use); the MTP stand-ins stay as they are."""
+    root = tmp_path_factory.mktemp("qwen3_5_moe_fused")
+    out = {}
+    for layout, path in checkpoints.items():
+        fused = {name: tensor.numpy() for name, tensor in _torch_model(path).state_dict().items()
+                 if _FUSED_EXPERTS.search(name)}
+        kept = {name: array for name, array in _tensors(path).items() if not _SEPARATE_EXPERT.search(name)}
+        out[layout] = _write_checkpoint(root / layout, {**kept, **fused}, path)
+    return out
 
 
 @pytest.mark.parametrize("layout", ["text", "multimodal"])
@@ -114,6 +146,71 @@ def test_hf_round_trip_is_exact_and_transformers_loads_it_as_its_class(checkpoin
     assert set(got) == set(want) and any(".mlp.experts.gate_up_proj" in name for name in got)
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, want[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+def test_fused_experts_load_exactly_as_the_per_expert_save_and_match_transformers(
+        checkpoints, fused_checkpoints, layout):
+    """The same weights stored fused load to the same params; the logits match transformers
+    reading the fused files itself (the parity test's compile: same config and shapes)."""
+    path = fused_checkpoints[layout]
+    assert sum(bool(_FUSED_EXPERTS.search(n)) for n in _tensors(path)) == 2 * 4
+    assert not any(_SEPARATE_EXPERT.search(n) for n in _tensors(path) if not n.startswith("mtp."))
+    config, params = models.load_hf(path, **F32)
+    want_config, want_params = models.load_hf(checkpoints[layout], **F32)
+    assert config == want_config
+    jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), np.asarray(want)),
+                 params, want_params)
+    config = dataclasses.replace(config, output_router_logits=True)
+    ids, mask = _padded_batch()
+    reference = getattr(transformers, CLASSES[layout]).from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    want = _torch_out(reference, ids, mask).logits.numpy()
+    got = np.asarray(_forward_with_aux(config, params, jnp.asarray(ids), jnp.asarray(mask))[0])
+    assert np.max(np.abs(got - want)[mask.astype(bool)]) <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+def test_export_writes_the_expert_form_it_was_read_in(checkpoints, fused_checkpoints, tmp_path, layout):
+    """carry_from a fused checkpoint: the export is it, bit for bit (fused names), and
+    transformers loads it as its class with identical weights; from scratch: per expert.
+    Scanned text layout (the fused slices gathered from the `[blocks, experts, ...]` stacks),
+    unscanned multimodal."""
+    path = fused_checkpoints[layout]
+    config, params = models.load_hf(path, scan_layers=layout == "text", **F32)
+    models.save_hf(config, params, tmp_path / "fused", carry_from=path)
+    source, written = _tensors(path), _tensors(tmp_path / "fused")
+    assert set(written) == set(source)
+    for name, array in written.items():
+        np.testing.assert_array_equal(array, source[name])
+    reloaded = getattr(transformers, CLASSES[layout]).from_pretrained(tmp_path / "fused", dtype=torch.float32)
+    want = _torch_model(checkpoints[layout]).state_dict()
+    got = reloaded.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=0)
+    if layout == "text":  # nothing carried: the from-scratch export is the save_pretrained one
+        models.save_hf(config, params, tmp_path / "scratch")
+        separate, written = _tensors(checkpoints[layout]), _tensors(tmp_path / "scratch")
+        assert set(written) == set(separate)
+        for name, array in written.items():
+            np.testing.assert_array_equal(array, separate[name])
+
+
+def test_a_layer_with_both_expert_forms_or_neither_or_a_mix_of_layers_is_refused(
+        checkpoints, fused_checkpoints, tmp_path):
+    fused, separate = _tensors(fused_checkpoints["text"]), _tensors(checkpoints["text"])
+    layer1 = {n: a for n, a in separate.items() if n.startswith("model.layers.1.mlp.experts.")}
+    both = {**fused, "model.layers.1.mlp.experts.3.up_proj.weight": layer1["model.layers.1.mlp.experts.3.up_proj.weight"]}
+    mixed = {**{n: a for n, a in fused.items() if not n.startswith("model.layers.1.mlp.experts.")}, **layer1}
+    neither = {n: a for n, a in fused.items() if n != "model.layers.2.mlp.experts.gate_up_proj"}
+    for name, tensors, error, match in [
+            ("both", both, CheckpointError, r"model\.layers\.1\.mlp\.experts\.gate_up_proj.*one way"),
+            ("mixed", mixed, CheckpointError, r"mixes fused and separate"),
+            ("neither", neither, MissingTensorError, r"model\.layers\.2\.mlp\.experts\.gate_up_proj")]:
+        path = _write_checkpoint(tmp_path / name, tensors, checkpoints["text"])
+        with pytest.raises(error, match=match):
+            models.load_hf(path, **F32)
 
 
 def test_cached_decode_equals_the_uncached_forward(checkpoints):
