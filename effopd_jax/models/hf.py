@@ -241,7 +241,10 @@ class _Leaf:
         return self.info.hf_fused.names if fused and self.info.hf_fused else self.info.hf_names
 
 
-def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
+@functools.lru_cache(maxsize=32)
+def _leaves(config: ModelConfig) -> tuple[Any, tuple[_Leaf, ...]]:
+    """The params' treedef and leaves of `config`; cached (configs are hashable, and tracing the
+    family's init for the shapes costs seconds on a many-layer model)."""
     family = family_for(config)
     abstract = jax.eval_shape(lambda key: family.init_params(config, key), jax.random.key(0))
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
@@ -259,7 +262,7 @@ def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
             raise AssertionError(f"{info.name}: {len(info.hf_fused.names)} fused HF names for "
                                  f"stack shape {leaf_info.stack_shape}")
         leaves.append(leaf_info)
-    return treedef, leaves
+    return treedef, tuple(leaves)
 
 
 # ============================================================================================
@@ -438,7 +441,7 @@ def _summarize_prefixes(names: Sequence[str], prefixes: Sequence[str]) -> str:
     return ", ".join(f"{prefix}* ({count})" for prefix, count in counts.items() if count)
 
 
-def _stored_fused(names: Any, leaves: list[_Leaf]) -> bool:
+def _stored_fused(names: Any, leaves: Sequence[_Leaf]) -> bool:
     """Whether the checkpoint whose tensor names are `names` stores the leaves that have a fused
     form (`ParamInfo.hf_fused`) fused; False when no leaf has one.
 
@@ -469,7 +472,7 @@ def _stored_fused(names: Any, leaves: list[_Leaf]) -> bool:
     return True in forms
 
 
-def _expected_shapes(leaves: list[_Leaf], fused: bool) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(leaves: Sequence[_Leaf], fused: bool) -> dict[str, tuple[int, ...]]:
     """{HF name: shape} of the tensors feeding `leaves` in the chosen form."""
     expected: dict[str, tuple[int, ...]] = {}
     for leaf in leaves:
@@ -479,7 +482,7 @@ def _expected_shapes(leaves: list[_Leaf], fused: bool) -> dict[str, tuple[int, .
     return expected
 
 
-def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list[_Leaf]
+def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: Sequence[_Leaf]
                    ) -> tuple[list[str], bool]:
     """Checks the checkpoint's tensors against the config; returns the carried tensors' names
     and whether the leaves with a fused form are stored fused."""
@@ -514,7 +517,7 @@ def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list
     return carried, fused
 
 
-def _tied_head_name(config: ModelConfig, leaves: list[_Leaf]) -> str | None:
+def _tied_head_name(config: ModelConfig, leaves: Sequence[_Leaf]) -> str | None:
     """The HF name an untied head would have, when the config ties it to the embedding."""
     if not getattr(config, "tie_word_embeddings", False):
         return None
@@ -701,7 +704,7 @@ def _leading_slice(array: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(array, i, 0, keepdims=False)
 
 
-def _flatten_like(leaves: list[_Leaf], params: PyTree) -> list:
+def _flatten_like(leaves: Sequence[_Leaf], params: PyTree) -> list:
     """`params`' leaves in layout order, checking names and shapes against the config."""
     flat = {tuple(k.key for k in key_path): leaf
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
