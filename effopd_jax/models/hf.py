@@ -25,6 +25,13 @@ Errors: every problem with a checkpoint raises a `CheckpointError` subclass nami
 config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
 model needs is never initialised when the checkpoint lacks it.
 
+Two storage forms: a stacked leaf whose layout entry has `ParamInfo.hf_fused` (e.g.
+Qwen3.5-MoE's experts) may be stored one HF tensor per slice (`hf_names`) or its last stack axis
+fused into one tensor per layer (`gate_up_proj [E, 2I, H]`, the leaf one chunk of it). The
+form is told from the tensor names; a layer holding both, or layers in different forms, raise
+`CheckpointError`. Fused tensors are read through lazy views of the leaf's chunk (streamed like
+any stacked leaf); `save_hf` writes the form of `carry_from` (separate tensors without one).
+
 Carried tensors: a family may declare HF name prefixes of tensors that belong to its published
 checkpoints but not to the model (`ModelFamily.carried_hf_prefixes`, e.g. Qwen3.5's vision tower
 `model.visual.` and MTP head `mtp.`). Loading leaves them untouched and reports them in one log
@@ -559,7 +566,9 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         the family's carried prefixes (`ModelFamily.carried_hf_prefixes`, e.g. a vision tower,
         an MTP head) is copied unchanged into the export (ignored when the family carries
         nothing). None: nothing is carried, and for a family that carries tensors a warning
-        names the prefixes left out.
+        names the prefixes left out. Leaves with two storage forms (`ParamInfo.hf_fused`,
+        e.g. fused experts) are written in the form `carry_from` stores them in; without
+        `carry_from`, one tensor per slice (`hf_names`).
 
     Host memory peaks at about one unstacked leaf, one leading slice (one layer) of a
     stacked leaf, or one carried tensor.
@@ -574,7 +583,7 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
     arrays = _flatten_like(leaves, params)
     prefixes = family_for(config).carried_hf_prefixes(config)
     carry_reader, carried, fused = None, [], False
-    if carry_from is not None:
+    if carry_from is not None and (prefixes or any(leaf.info.hf_fused for leaf in leaves)):
         carry_reader = _SafetensorsReader(os.fspath(carry_from))
         # The source's storage form of the leaves that have two (e.g. fused experts).
         fused = _stored_fused(carry_reader.records, leaves)

@@ -19,9 +19,12 @@ Parameters: a layer's `mlp` holds `gate/kernel [H, E]` (the router), the stacked
 HF names (what transformers 5.x `save_pretrained` writes for both classes): one tensor per
 expert, `{prefix}layers.{i}.mlp.experts.{e}.gate_proj.weight [I, H]`, ..., with `{prefix}` =
 `model.` (text-only) or `model.language_model.` (multimodal, whose vision tower `model.visual.*`
-and MTP head `mtp.*` are carried through untouched, as for Qwen3.5). Checkpoints that store the
-experts fused (`mlp.experts.gate_up_proj [E, 2I, H]`) are not read (a MissingTensorError names
-the per-expert tensors).
+and MTP head `mtp.*` are carried through untouched, as for Qwen3.5). The published checkpoints
+store the experts fused per layer instead (`{prefix}layers.{i}.mlp.experts.gate_up_proj
+[E, 2I, H]`, gate rows then up rows as transformers' experts forward chunks it, and
+`...mlp.experts.down_proj [E, H, I]`): the layout describes that form too
+(`ParamInfo.hf_fused`), so `load_hf` reads either and `save_hf(carry_from=source)` writes the
+source's form.
 
 Training a MoE student: `models.forward_with_aux` adds the router losses as for Qwen3-MoE
 (`moe.router_aux_output`).
