@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     print(f"\nseeds {args.seeds} (mean ± std); target = initial + 0.95·(full OPD final − initial)")
     print(f"initial accuracy {mean_std([r['initial'] for r in rows])}; top-{args.rank} energy of full OPD's "
           f"final update {mean_std([r['full_update_top_rank_energy'] for r in rows])}")
-    print(f"| arm | final accuracy | steps to target | reached | wall-clock to target s | train wall-clock s "
+    print("| arm | final accuracy | steps to target | reached | wall-clock to target s | train wall-clock s "
           f"| optimizer state |")
     print("|---|---|---|---|---|---|---|")
     for arm in ARMS + ((MERGED_ARM,) if args.merged else ()):

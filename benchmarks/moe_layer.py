@@ -10,7 +10,9 @@ computed three ways on the same random inputs (float32):
   blocked     `moe.local_expert_ffn(impl="blocked")`: assignments sorted by expert, each expert's
               rows padded to a block, one SwiGLU per used block (the CPU default);
   ragged_dot  `moe.local_expert_ffn(impl="ragged_dot")`: `jax.lax.ragged_dot` (the GPU/TPU path;
-              on CPU XLA lowers it to a dense masked product over all groups), `--ragged-dot`;
+              on CPU XLA lowers it to a dense masked product over all groups, whose buffers grow
+              as T k E H: about 10 GB resident for forward+backward at T=1024, 64 experts, top-8,
+              H=1024, the peak the last line prints); `--no-ragged-dot` leaves it out;
   dense       `moe.dense_expert_ffn_reference`: every expert on every token, weighted by the
               routing (the test oracle, and what a naive MoE computes).
 
@@ -32,12 +34,13 @@ Timing: compile and one warm-up call each, then `--reps` rounds in which every i
 once in turn (round robin, so load from other processes hits all alike); medians (and minima).
 
 Run: `.venv/bin/python benchmarks/moe_layer.py [--tokens 1024 --hidden 1024 --inter 256
---experts 64 --top-k 8 --reps 3] [--ragged-dot] [--blocks 16 64]`
+--experts 64 --top-k 8 --reps 3] [--no-ragged-dot] [--blocks 16 64]`
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -77,8 +80,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--blocks", type=int, nargs="*", default=[],
                         help="also time the blocked path with these block sizes")
-    parser.add_argument("--ragged-dot", action="store_true",
-                        help="also time jax.lax.ragged_dot (on CPU: a dense product over all groups)")
+    parser.add_argument("--no-ragged-dot", dest="ragged_dot", action="store_false",
+                        help="leave out jax.lax.ragged_dot (on CPU a dense masked product over all "
+                             "groups, memory ~ T k E H)")
     args = parser.parse_args()
     T, H, I, E, k = args.tokens, args.hidden, args.inter, args.experts, args.top_k
 
@@ -177,7 +181,9 @@ def main() -> None:
               f"{statistics.median(bwd) * 1e3:>10.0f} ({min(bwd) * 1e3:>5.0f}) "
               f"{statistics.median(fwd) / dense_fwd:>11.3f} {statistics.median(bwd) / dense_bwd:>15.3f} "
               f"{compile_seconds[name]:>9.1f}")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({args.reps} round-robin rounds)")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({args.reps} round-robin rounds); "
+          f"peak resident memory of this process {peak_gb:.1f} GB")
 
 
 if __name__ == "__main__":

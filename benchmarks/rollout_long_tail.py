@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     total = int(lengths.sum())
     base = np.median(times["static"])
     static_occupancy = total / (args.slots * sum(wave_max))
-    print(f"| contender | tokens/s (median) | best | speed-up | decode steps | ms / decode step | slot occupancy "
+    print("| contender | tokens/s (median) | best | speed-up | decode steps | ms / decode step | slot occupancy "
           f"| host calls | host share | peak program memory | KV cache |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in contenders:

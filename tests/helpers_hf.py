@@ -44,7 +44,9 @@ def make_tiny_hf_config(model_type: str = "qwen3", tie: bool = False, num_kv_hea
     raise ValueError(f"model_type must be 'qwen2' or 'qwen3', got {model_type!r}")
 
 
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Redraws every parameter of a transformers model in place (see the module docstring);
+    weights `[..., out, in]` (stacked experts included) ~ N(0, 1/fan_in)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -55,8 +57,8 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
                 value = 1.0 + 0.2 * torch.randn(shape, generator=generator)
             elif name.endswith(".bias"):
                 value = 0.3 * torch.randn(shape, generator=generator)
-            else:  # Linear weight [out, in]
-                value = torch.randn(shape, generator=generator) / np.sqrt(shape[1])
+            else:
+                value = torch.randn(shape, generator=generator) / np.sqrt(shape[-1])
             param.copy_(value)
 
 
@@ -75,7 +77,7 @@ def make_tiny_hf_checkpoint(tmp_path: str | os.PathLike, model_type: str = "qwen
     model_cls = (transformers.Qwen3ForCausalLM if model_type == "qwen3"
                  else transformers.Qwen2ForCausalLM)
     model = model_cls(config).to(torch.float32)
-    _randomize_(model, seed)
+    randomize_(model, seed)
     model = model.to(dtype)
     if tie:  # the head shares storage with the embedding; keep it that way
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

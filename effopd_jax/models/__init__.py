@@ -9,7 +9,7 @@
 
 A *family* (Qwen2/2.5/3: `effopd_jax/models/qwen.py`; Qwen3-MoE: `effopd_jax/models/qwen3_moe.py`,
 on the shared MoE block of `effopd_jax/models/moe.py`; Qwen3.5/3.6 hybrids:
-`effopd_jax/models/qwen3_5.py`) registers itself under the HF
+`effopd_jax/models/qwen3_5.py`; Qwen3.5-MoE: `effopd_jax/models/qwen3_5_moe.py`) registers itself under the HF
 `model_type`s it reads; every function here dispatches on `config.model_type`, so callers never
 import a family module. An unsupported `model_type` is refused with the list of supported ones.
 The parameter layout (`layout(config)`) tells conversion, EffOPD's default filter, the
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from effopd_jax.models import qwen as _qwen  # noqa: F401
 from effopd_jax.models import qwen3_moe as _qwen3_moe  # noqa: F401
 from effopd_jax.models import qwen3_5 as _qwen3_5  # noqa: F401
+from effopd_jax.models import qwen3_5_moe as _qwen3_5_moe  # noqa: F401
 from effopd_jax.models.family import (
     AuxOutput,
     ModelConfig,

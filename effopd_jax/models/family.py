@@ -80,6 +80,33 @@ ROLES = (MATRIX, BIAS, NORM, EMBEDDING, LM_HEAD, CONV, DECAY)
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedHF:
+    """A second form a checkpoint may store a stacked leaf in: the HF tensors of its last stack
+    axis (a mixture of experts' `experts`) fused into one tensor per index of the other stack
+    axes (one per layer), e.g. Qwen3.5-MoE's `...mlp.experts.gate_up_proj [E, 2I, H]`.
+
+    The fused tensor is `[n, parts * d0, d1, ...]`, `n` the last stack axis' size and
+    `[d0, d1, ...]` the leaf's per-tensor HF shape; the tensor `hf_names` names at index `j`
+    of that axis is chunk `part` of the `parts` equal chunks of `fused[j]` along its first
+    axis (`torch.chunk(fused[j], parts, 0)[part]`: gate = part 0, up = part 1 of
+    `gate_up_proj`; `down_proj` is part 0 of 1). Leaves with the same name share its tensor.
+
+    Attributes:
+      names: the fused tensors' names, one per index of the stack axes but the last
+        (row-major: one per layer of the leaf).
+      part, parts: which chunk of each fused slice the leaf is, of how many.
+    """
+
+    names: tuple[str, ...]
+    part: int = 0
+    parts: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"FusedHF.part must be in [0, parts={self.parts}), got {self.part}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ParamInfo:
     """What one leaf of the params pytree is.
 
@@ -115,6 +142,7 @@ class ParamInfo:
     transpose: bool
     extrapolate: bool
     experts: int = 0
+    hf_fused: FusedHF | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:

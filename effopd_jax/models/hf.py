@@ -25,6 +25,13 @@ Errors: every problem with a checkpoint raises a `CheckpointError` subclass nami
 config problems raise `UnsupportedConfigError` (or ValueError naming the file). A tensor the
 model needs is never initialised when the checkpoint lacks it.
 
+Two storage forms: a stacked leaf whose layout entry has `ParamInfo.hf_fused` (e.g.
+Qwen3.5-MoE's experts) may be stored one HF tensor per slice (`hf_names`) or its last stack axis
+fused into one tensor per layer (`gate_up_proj [E, 2I, H]`, the leaf one chunk of it). The
+form is told from the tensor names; a layer holding both, or layers in different forms, raise
+`CheckpointError`. Fused tensors are read through lazy views of the leaf's chunk (streamed like
+any stacked leaf); `save_hf` writes the form of `carry_from` (separate tensors without one).
+
 Carried tensors: a family may declare HF name prefixes of tensors that belong to its published
 checkpoints but not to the model (`ModelFamily.carried_hf_prefixes`, e.g. Qwen3.5's vision tower
 `model.visual.` and MTP head `mtp.`). Loading leaves them untouched and reports them in one log
@@ -230,8 +237,21 @@ class _Leaf:
         per_tensor = self.shape[len(self.info.stack_axes):]
         return tuple(reversed(per_tensor)) if self.info.transpose else per_tensor
 
+    @property
+    def fused_shape(self) -> tuple[int, ...]:
+        """The shape of each fused HF tensor (`info.hf_fused`): `[n, parts * d0, d1, ...]`."""
+        first, *rest = self.hf_shape
+        return (self.stack_shape[-1], self.info.hf_fused.parts * first, *rest)
 
-def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
+    def names(self, fused: bool) -> tuple[str, ...]:
+        """The HF tensors feeding the leaf in the per-tensor or (with `fused`) the fused form."""
+        return self.info.hf_fused.names if fused and self.info.hf_fused else self.info.hf_names
+
+
+@functools.lru_cache(maxsize=32)
+def _leaves(config: ModelConfig) -> tuple[Any, tuple[_Leaf, ...]]:
+    """The params' treedef and leaves of `config`; cached (configs are hashable, and tracing the
+    family's init for the shapes costs seconds on a many-layer model)."""
     family = family_for(config)
     abstract = jax.eval_shape(lambda key: family.init_params(config, key), jax.random.key(0))
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
@@ -245,8 +265,11 @@ def _leaves(config: ModelConfig) -> tuple[Any, list[_Leaf]]:
         if len(info.hf_names) != math.prod(leaf_info.stack_shape):
             raise AssertionError(f"{info.name}: {len(info.hf_names)} HF names for stack shape "
                                  f"{leaf_info.stack_shape}")
+        if info.hf_fused and len(info.hf_fused.names) != math.prod(leaf_info.stack_shape[:-1]):
+            raise AssertionError(f"{info.name}: {len(info.hf_fused.names)} fused HF names for "
+                                 f"stack shape {leaf_info.stack_shape}")
         leaves.append(leaf_info)
-    return treedef, leaves
+    return treedef, tuple(leaves)
 
 
 # ============================================================================================
@@ -302,7 +325,7 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = N
     path = os.fspath(path)
     reader = _SafetensorsReader(path)
     treedef, leaves = _leaves(config)
-    carried = _check_tensors(config, reader, leaves)
+    carried, fused = _check_tensors(config, reader, leaves)
     if carried:
         logger.warning("%s: %d tensor(s) the model does not use are left untouched (carried "
                        "through on export with save_hf(carry_from=...)): %s", path, len(carried),
@@ -322,7 +345,13 @@ def load_params(path: str | os.PathLike, config: ModelConfig, shardings: Any = N
 
     arrays = []
     for leaf, sharding in zip(leaves, leaf_shardings):
-        views = [reader.array(name) for name in leaf.info.hf_names]
+        if fused and leaf.info.hf_fused:
+            # Lazy views of this leaf's chunk of each fused slice, in `hf_names` order.
+            rows, part = leaf.hf_shape[0], leaf.info.hf_fused.part
+            views = [reader.array(name)[j, part * rows:(part + 1) * rows]
+                     for name in leaf.info.hf_fused.names for j in range(leaf.stack_shape[-1])]
+        else:
+            views = [reader.array(name) for name in leaf.info.hf_names]
         if leaf.info.transpose:  # still lazy views of the memory map
             views = [view.T for view in views]
         arrays.append(_assemble_leaf(leaf.shape, leaf.stack_shape, views, sharding, target_dtype,
@@ -419,21 +448,64 @@ def _summarize_prefixes(names: Sequence[str], prefixes: Sequence[str]) -> str:
     return ", ".join(f"{prefix}* ({count})" for prefix, count in counts.items() if count)
 
 
-def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list[_Leaf]) -> list[str]:
-    """Checks the checkpoint's tensors against the config; returns the carried tensors' names."""
+def _stored_fused(names: Any, leaves: Sequence[_Leaf]) -> bool:
+    """Whether the checkpoint whose tensor names are `names` stores the leaves that have a fused
+    form (`ParamInfo.hf_fused`) fused; False when no leaf has one.
+
+    Raises:
+      CheckpointError: a layer holds both forms of a leaf, or some layers are fused and others not.
+    """
+    names = set(names)
+    forms: dict[bool, str] = {}  # form -> one fused tensor name showing it
+    for leaf in leaves:
+        fused = leaf.info.hf_fused
+        if fused is None:
+            continue
+        per_slice = leaf.stack_shape[-1]
+        for i, fused_name in enumerate(fused.names):
+            separate = [n for n in leaf.info.hf_names[i * per_slice:(i + 1) * per_slice] if n in names]
+            if fused_name in names and separate:
+                raise CheckpointError(
+                    f"checkpoint holds {fused_name!r} and also {len(separate)} of the separate tensors "
+                    f"it fuses (e.g. {separate[0]!r}); a layer must store them one way")
+            if fused_name in names:
+                forms.setdefault(True, fused_name)
+            elif separate:
+                forms.setdefault(False, separate[0])
+    if len(forms) > 1:
+        raise CheckpointError(
+            f"checkpoint mixes fused and separate storage across layers (e.g. {forms[True]!r} and "
+            f"{forms[False]!r}); expected one form throughout")
+    return True in forms
+
+
+def _expected_shapes(leaves: Sequence[_Leaf], fused: bool) -> dict[str, tuple[int, ...]]:
+    """{HF name: shape} of the tensors feeding `leaves` in the chosen form."""
     expected: dict[str, tuple[int, ...]] = {}
     for leaf in leaves:
-        for name in leaf.info.hf_names:
-            expected[name] = leaf.hf_shape
+        shape = leaf.fused_shape if fused and leaf.info.hf_fused else leaf.hf_shape
+        for name in leaf.names(fused):
+            expected[name] = shape
+    return expected
+
+
+def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: Sequence[_Leaf]
+                   ) -> tuple[list[str], bool]:
+    """Checks the checkpoint's tensors against the config; returns the carried tensors' names
+    and whether the leaves with a fused form are stored fused."""
     present = {name for name in reader.records
                if not name.endswith(IGNORED_HF_TENSOR_SUFFIXES)}
+    fused = _stored_fused(present, leaves)
+    expected = _expected_shapes(leaves, fused)
     carried = _carried_names(config, present, expected)
     present -= set(carried)
     missing = sorted(set(expected) - present)
     if missing:
+        fused_forms = [leaf.info.hf_fused.names[0] for leaf in leaves if leaf.info.hf_fused]
         raise MissingTensorError(
             f"checkpoint is missing {len(missing)} tensor(s) the config needs: {missing[:8]}"
-            + (" ..." if len(missing) > 8 else ""))
+            + (" ..." if len(missing) > 8 else "")
+            + (f" (or, fused, e.g. {fused_forms[0]!r})" if fused_forms and not fused else ""))
     unexpected = sorted(present - set(expected))
     tied_head = _tied_head_name(config, leaves)
     if tied_head is not None and tied_head in unexpected:
@@ -449,10 +521,10 @@ def _check_tensors(config: ModelConfig, reader: _SafetensorsReader, leaves: list
         got = reader.records[name].shape
         if got != shape:
             raise TensorShapeError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-    return carried
+    return carried, fused
 
 
-def _tied_head_name(config: ModelConfig, leaves: list[_Leaf]) -> str | None:
+def _tied_head_name(config: ModelConfig, leaves: Sequence[_Leaf]) -> str | None:
     """The HF name an untied head would have, when the config ties it to the embedding."""
     if not getattr(config, "tie_word_embeddings", False):
         return None
@@ -494,7 +566,9 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         the family's carried prefixes (`ModelFamily.carried_hf_prefixes`, e.g. a vision tower,
         an MTP head) is copied unchanged into the export (ignored when the family carries
         nothing). None: nothing is carried, and for a family that carries tensors a warning
-        names the prefixes left out.
+        names the prefixes left out. Leaves with two storage forms (`ParamInfo.hf_fused`,
+        e.g. fused experts) are written in the form `carry_from` stores them in; without
+        `carry_from`, one tensor per slice (`hf_names`).
 
     Host memory peaks at about one unstacked leaf, one leading slice (one layer) of a
     stacked leaf, or one carried tensor.
@@ -508,11 +582,15 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
     _, leaves = _leaves(config)
     arrays = _flatten_like(leaves, params)
     prefixes = family_for(config).carried_hf_prefixes(config)
-    carry_reader, carried = None, []
-    if carry_from is not None and prefixes:
+    carry_reader, carried, fused = None, [], False
+    if carry_from is not None and (prefixes or any(leaf.info.hf_fused for leaf in leaves)):
         carry_reader = _SafetensorsReader(os.fspath(carry_from))
+        # The source's storage form of the leaves that have two (e.g. fused experts).
+        fused = _stored_fused(carry_reader.records, leaves)
+    if carry_reader is not None and prefixes:
         carried = _carried_names(config, carry_reader.records,
-                                 {name for leaf in leaves for name in leaf.info.hf_names})
+                                 {name for leaf in leaves for name in leaf.info.hf_names}
+                                 | set(_expected_shapes(leaves, fused)))
     elif prefixes:
         logger.warning("save_hf(%s): no carry_from checkpoint, so no %s tensors (not used by "
                        "this model) are written", path, ", ".join(p + "*" for p in prefixes))
@@ -527,9 +605,25 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
                 "gather it first (jax.experimental.multihost_utils.process_allgather)")
 
     # (name, hf shape, dtype, leaf number, slice number) in leaf order: each leaf is fetched once;
-    # carried tensors (leaf number None) follow, read from the source when written.
+    # carried tensors (leaf number None) follow, read from the source when written. A fused
+    # tensor's entry has the leaf numbers of its parts (a tuple) and the fused slice number.
     entries = []
+    fused_parts: dict[str, list[int]] = {}  # fused name -> its leaves, by part
     for n, leaf in enumerate(leaves):
+        if fused and leaf.info.hf_fused:
+            for name in leaf.info.hf_fused.names:
+                fused_parts.setdefault(name, [None] * leaf.info.hf_fused.parts)[leaf.info.hf_fused.part] = n
+    written_fused = set()
+    for n, leaf in enumerate(leaves):
+        if fused and leaf.info.hf_fused:
+            for slice_number, name in enumerate(leaf.info.hf_fused.names):
+                if name not in written_fused:
+                    if None in fused_parts[name]:
+                        raise AssertionError(f"{name}: the layout lacks a part of the fused tensor")
+                    written_fused.add(name)
+                    entries.append((name, leaf.fused_shape, storage[n], tuple(fused_parts[name]),
+                                    slice_number))
+            continue
         stacked = bool(leaf.info.stack_axes)
         for slice_number, name in enumerate(leaf.info.hf_names):
             entries.append((name, leaf.hf_shape, storage[n], n, slice_number if stacked else None))
@@ -555,6 +649,8 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
         name, _, _, n, slice_number = entry
         if n is None:  # a carried tensor: its bytes as stored in the source
             return carry_reader.array(name)
+        if isinstance(n, tuple):  # a fused tensor: its parts' slices side by side
+            return np.concatenate([fetch_fused_part(m, slice_number) for m in n], axis=1)
         stack_shape = leaves[n].stack_shape
         if slice_number is None or not _layer_stacked(leaves[n]):
             key, inner = (n, 0), slice_number
@@ -572,6 +668,20 @@ def save_hf(config: ModelConfig, params: PyTree, path: str | os.PathLike, *,
             stacked_rank = len(stack_shape) - (1 if _layer_stacked(leaves[n]) else 0)
             array = array.reshape((-1,) + array.shape[stacked_rank:])[inner]
         return array.T if leaves[n].info.transpose else array
+
+    def fetch_fused_part(n: int, fused_slice: int) -> np.ndarray:
+        """Leaf `n`'s HF tensors `[n_last, d0, ...]` along its last stack axis at index
+        `fused_slice` of the others (host memory: one layer of the leaf)."""
+        leaf, array = leaves[n], arrays[n]
+        inner_shape = leaf.shape[len(leaf.stack_shape) - 1:]  # [n_last, *per-tensor leaf shape]
+        if _layer_stacked(leaf):
+            per_slice = math.prod(leaf.stack_shape[1:-1])
+            layer, fused_slice = divmod(fused_slice, per_slice)
+            array = _leading_slice(array, layer) if isinstance(array, jax.Array) else array[layer]
+        block = np.asarray(jax.device_get(array)).reshape((-1,) + inner_shape)[fused_slice]
+        if leaf.info.transpose:  # every per-tensor axis reverses, the stack axis stays first
+            block = block.transpose(0, *range(block.ndim - 1, 0, -1))
+        return block
 
     total_size = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
     weight_map = {}
@@ -603,7 +713,7 @@ def _leading_slice(array: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(array, i, 0, keepdims=False)
 
 
-def _flatten_like(leaves: list[_Leaf], params: PyTree) -> list:
+def _flatten_like(leaves: Sequence[_Leaf], params: PyTree) -> list:
     """`params`' leaves in layout order, checking names and shapes against the config."""
     flat = {tuple(k.key for k in key_path): leaf
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

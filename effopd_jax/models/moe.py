@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts layers shared by the MoE families (Qwen3-MoE today).
+"""Sparse mixture-of-experts layers shared by the MoE families (Qwen3-MoE, Qwen3.5-MoE).
 
 The block is the Hugging Face `Qwen3MoeSparseMoeBlock` computation (and, with a shared expert,
 `Qwen2MoeSparseMoeBlock` / `Qwen3_5MoeSparseMoeBlock`):
@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from effopd_jax.models.family import AuxOutput
 from effopd_jax.models.layers import Linear, Weight, constrain
 
 Array = jax.Array
@@ -512,6 +513,22 @@ def load_balancing_loss(stats: RouterStats) -> Array:
 def router_z_loss(stats: RouterStats) -> Array:
     """ST-MoE's router z-loss: mean over real tokens (and MoE layers) of logsumexp(logits)^2."""
     return stats.z / jnp.maximum(stats.tokens, 1.0)
+
+
+def router_aux_output(config: Any, stats: RouterStats | None) -> AuxOutput:
+    """A MoE family's :class:`AuxOutput` from its pooled router statistics: HF's load-balancing
+    loss times `config.router_aux_loss_coef` when `config.output_router_logits` (HF adds it only
+    then), plus `config.router_z_loss_coef` times the router z-loss; both logged unweighted.
+    `stats` None (no sparse layer) gives a zero loss and no metrics."""
+    zero = jnp.zeros((), jnp.float32)
+    if stats is None:
+        return AuxOutput(zero, {})
+    balance = load_balancing_loss(stats)
+    z_loss = router_z_loss(stats)
+    aux_coef = config.router_aux_loss_coef if config.output_router_logits else 0.0
+    loss = aux_coef * balance + config.router_z_loss_coef * z_loss
+    return AuxOutput(loss.astype(jnp.float32), {"moe/load_balancing_loss": balance,
+                                                "moe/router_z_loss": z_loss})
 
 
 # ============================================================================================

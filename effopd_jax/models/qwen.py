@@ -32,14 +32,16 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from effopd_jax.models.decoder import (
+    DecoderConfig, DecoderFamily, embed_tokens, global_param_info, layer_rows,
+    lm_output,
+)
 from effopd_jax.models.family import (
-    BIAS, EMBEDDING, LM_HEAD, MATRIX, NORM, ModelFamily, ModelLayout, ParamInfo,
-    UnsupportedConfigError, read_hf_config, register_family,
+    BIAS, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, RMSNorm, Weight,
+    REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, RMSNorm,
     apply_rope, attention, constrain, rope_cos_sin,
 )
 from effopd_jax.models import paged
@@ -56,18 +58,8 @@ QWEN_MATRIX_MODULES = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj
 _MOE_FIELDS = ("num_experts", "num_local_experts", "moe_intermediate_size", "num_experts_per_tok")
 
 
-def _canonical_dtype(value: DType, field: str) -> jnp.dtype:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"QwenConfig.{field}: {value!r} is not a dtype") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"QwenConfig.{field} must be a floating dtype, got {dtype}")
-    return dtype
-
-
 @dataclasses.dataclass(frozen=True)
-class QwenConfig:
+class QwenConfig(DecoderConfig):
     """Architecture of a Qwen2/2.5/3 dense decoder plus runtime options.
 
     Architecture fields use the Hugging Face names. The structural flags `qkv_bias`,
@@ -110,26 +102,10 @@ class QwenConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
-        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype, "dtype"))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"QwenConfig.{name} must be a positive int, got {value!r}")
+        self._check_decoder_fields(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim"))
         if self.head_dim % 2:
             raise ValueError(f"QwenConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"QwenConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                f"of num_key_value_heads ({self.num_key_value_heads})")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"QwenConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"QwenConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
         if self.model_type not in QWEN_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"QwenConfig.model_type {self.model_type!r} is not supported "
@@ -281,27 +257,6 @@ class QwenConfig:
             hf["attention_bias"] = self.qkv_bias
         return hf
 
-    # ----------------------------------------------------------------------------------------
-    # Plain JSON (orbax checkpoints store the config next to the params)
-    # ----------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as JSON-serialisable values (dtypes by name)."""
-        out = dataclasses.asdict(self)
-        out["param_dtype"] = jnp.dtype(self.param_dtype).name
-        out["dtype"] = jnp.dtype(self.dtype).name
-        if isinstance(self.eos_token_id, tuple):
-            out["eos_token_id"] = list(self.eos_token_id)
-        return out
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any], **overrides) -> "QwenConfig":
-        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"QwenConfig.from_dict: unknown fields {unknown}")
-        return cls(**{**fields, **overrides})
-
 
 def _rope_theta(hf: Mapping[str, Any]) -> float:
     """RoPE base from either `rope_parameters` (transformers>=5) or `rope_theta`/`rope_scaling`."""
@@ -345,6 +300,11 @@ class KVCache(NamedTuple):
     k: Array | tuple[Array, ...]
     v: Array | tuple[Array, ...]
     index: Array
+
+
+# The logical axes of a `KVCache` (families whose cache it is share them).
+KV_CACHE_LOGICAL_AXES = KVCache(k=("layers", "act_batch", "act_length", "act_kv_heads", None),
+                                v=("layers", "act_batch", "act_length", "act_kv_heads", None), index=())
 
 
 def split_cache_layers(cache: KVCache) -> KVCache:
@@ -611,10 +571,7 @@ class Qwen(nn.Module):
         seq = input_ids.shape[1]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
-        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        embedding, hidden = embed_tokens(cfg, input_ids)
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -644,18 +601,7 @@ class Qwen(nn.Module):
             layer_caches = None if cache is None else (new_k, new_v)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
-        # The head is declared even when only hidden states are returned, so `init` always
-        # creates the full parameter tree.
-        head = (embedding.T if cfg.tie_word_embeddings else
-                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
-        if return_hidden_states:
-            out = hidden
-        else:
-            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype),
-                             preferred_element_type=jnp.float32)
-            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        out = lm_output(cfg, hidden, embedding, return_hidden_states)
         if cache is None:
             return out
         return out, KVCache(k=layer_caches[0], v=layer_caches[1], index=cache.index + seq)
@@ -701,10 +647,7 @@ class QwenPaged(nn.Module):
         mask = paged.prefill_mask(index) if isinstance(index, paged.PagedPrefill) else None
         cos, sin = rope_cos_sin(jnp.maximum(index.positions, 0), cfg.head_dim, cfg.rope_theta)
 
-        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
-        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        embedding, hidden = embed_tokens(cfg, input_ids)
         if cfg.scan_layers:
             scanned = nn.scan(
                 DecoderLayer,
@@ -725,15 +668,7 @@ class QwenPaged(nn.Module):
                     hidden, cos, sin, mask, (new_k, new_v), index.replace(layer=i))
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
-        head = (embedding.T if cfg.tie_word_embeddings else
-                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
-        if return_hidden_states:
-            out = hidden
-        else:
-            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        out = lm_output(cfg, hidden, embedding, return_hidden_states)
         return out, PagedKVCache(k=new_k, v=new_v)
 
 
@@ -747,85 +682,19 @@ def _segment_positions(segment_ids: Array) -> Array:
 
 
 # ============================================================================================
-# Parameter helpers
-# ============================================================================================
-def lm_head_weight(config: QwenConfig, params: Mapping[str, Any]) -> Array:
-    """The output projection `[hidden, vocab]` (param dtype): `lm_head/kernel`, or
-    `embed_tokens/embedding.T` when the embeddings are tied. `params` is the `params` collection.
-
-    `logits = hidden_states.astype(f32) @ lm_head_weight(config, params).astype(f32)` reproduces
-    the forward's logits (up to the compute dtype of `hidden_states`).
-    """
-    if config.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
-
-
-def _init_variables(config: QwenConfig, rng: Array) -> dict[str, Any]:
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return Qwen(config).init(rng, dummy)
-
-
-def param_logical_axes(config: QwenConfig) -> Any:
-    """A pytree like the params whose leaves are `PartitionSpec`s of logical axis names
-    (e.g. `PartitionSpec('embed', 'q_heads')`); no parameter memory is allocated."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-    return nn.get_partition_spec(abstract)["params"]
-
-
-def abstract_params(config: QwenConfig) -> Any:
-    """`jax.ShapeDtypeStruct` leaves of the (unboxed) params tree, without allocating."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-    return nn.unbox(abstract)["params"]
-
-
-def init_params(config: QwenConfig, rng: Array, shardings: Any = None) -> Any:
-    """Randomly initialised params (plain arrays, logical-axis boxes removed).
-
-    Kernels and embeddings ~ N(0, initializer_range), biases 0, norm scales 1. With `shardings`
-    (a pytree of `jax.sharding.Sharding` like `sharding.param_shardings(config, mesh)`) the
-    params are created directly in that layout by a jitted init.
-    """
-    def init(key):
-        return nn.unbox(_init_variables(config, key))["params"]
-
-    return jax.jit(init, out_shardings=shardings)(rng)
-
-
-# ============================================================================================
 # The family: registry entry, HF tensor names, layout
 # ============================================================================================
-def _hf_layer_tensor_name(path: tuple[str, ...], layer: int) -> str:
-    """The HF name of layer `layer`'s slice of the layer leaf at `path`
-    (`layers_{i}/self_attn/q_proj/kernel` -> `model.layers.{i}.self_attn.q_proj.weight`)."""
-    suffix = "bias" if path[-1] == "bias" else "weight"
-    return f"model.layers.{layer}.{'.'.join(path[1:-1])}.{suffix}"
-
-
 def _param_info(config: QwenConfig, path: tuple[str, ...]) -> ParamInfo:
-    head, leaf = path[0], path[-1]
-    if head == "embed_tokens":
-        return ParamInfo(path, EMBEDDING, "embed_tokens", "embedding", (), (),
-                         ("model.embed_tokens.weight",), False, extrapolate=False)
-    if head == "lm_head":
-        return ParamInfo(path, LM_HEAD, "lm_head", "head", (), (), ("lm_head.weight",), True,
-                         extrapolate=False)
-    if head == "norm":
-        return ParamInfo(path, NORM, "norm", "norm", (), (), ("model.norm.weight",), False,
-                         extrapolate=False)
-    if head == "layers":
-        layers = tuple(range(config.num_hidden_layers))
-        stack_axes: tuple[str, ...] = ("layers",)
-    elif head.startswith("layers_"):
-        layers = (int(head.removeprefix("layers_")),)
-        stack_axes = ()
-    else:
-        raise ValueError(f"no layout entry for the Qwen parameter {'/'.join(path)}")
-    module = "/".join(path[1:-1])
+    info = global_param_info(path)
+    if info is not None:
+        return info
+    leaf = path[-1]
+    layers, stack_axes, inner = layer_rows(path, config.num_hidden_layers)
+    module = "/".join(inner)
     role = {"kernel": MATRIX, "bias": BIAS, "scale": NORM}[leaf]
-    group = module.split("/")[0]
-    group = {"self_attn": "attention", "mlp": "mlp"}.get(group, "norm")
-    names = tuple(_hf_layer_tensor_name(path, layer) for layer in layers)
+    group = {"self_attn": "attention", "mlp": "mlp"}.get(inner[0], "norm")
+    suffix = "bias" if leaf == "bias" else "weight"
+    names = tuple(f"model.layers.{layer}.{'.'.join(inner)}.{suffix}" for layer in layers)
     # The authors' filter is a substring match on the torch name (attn, attention, mlp and the
     # projection names), so besides every attention / MLP leaf it also catches
     # `post_attention_layernorm` (it contains "attention"), but not `input_layernorm`.
@@ -834,42 +703,24 @@ def _param_info(config: QwenConfig, path: tuple[str, ...]) -> ParamInfo:
                      transpose=leaf == "kernel", extrapolate=extrapolate)
 
 
-class QwenFamily(ModelFamily):
+class QwenFamily(DecoderFamily):
     """Qwen2 / Qwen2.5 / Qwen3 dense decoders (HF `model_type` `qwen2`, `qwen3`)."""
 
     name = "qwen"
     model_types = QWEN_MODEL_TYPES
+    config_class = QwenConfig
+    module_class = Qwen
+    matrix_modules = QWEN_MATRIX_MODULES
+    packing = True
 
-    def config_from_hf(self, hf: Mapping[str, Any], **runtime: Any) -> QwenConfig:
-        return QwenConfig.from_hf(hf, **runtime)
-
-    def config_from_dict(self, fields: Mapping[str, Any], **overrides: Any) -> QwenConfig:
-        return QwenConfig.from_dict(fields, **overrides)
-
-    def apply(self, config: QwenConfig, params: Any, input_ids: Array, *,
-              positions: Array | None = None, attention_mask: Array | None = None,
-              cache: KVCache | None = None, return_hidden_states: bool = False,
-              segment_ids: Array | None = None) -> Any:
-        return Qwen(config).apply({"params": params}, input_ids, positions=positions,
-                                  attention_mask=attention_mask,
-                                  return_hidden_states=return_hidden_states, cache=cache,
-                                  segment_ids=segment_ids)
-
-    def init_params(self, config: QwenConfig, rng: Array) -> Any:
-        return nn.unbox(_init_variables(config, rng))["params"]
-
-    def param_logical_axes(self, config: QwenConfig) -> Any:
-        return param_logical_axes(config)
-
-    def lm_head_weight(self, config: QwenConfig, params: Mapping[str, Any]) -> Array:
-        return lm_head_weight(config, params)
+    def param_info(self, config: QwenConfig, path: tuple[str, ...]) -> ParamInfo:
+        return _param_info(config, path)
 
     def init_cache(self, config: QwenConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
         return init_cache(config, batch, max_len, dtype)
 
     def cache_logical_axes(self, config: QwenConfig) -> KVCache:
-        kv = ("layers", "act_batch", "act_length", "act_kv_heads", None)
-        return KVCache(k=kv, v=kv, index=())
+        return KV_CACHE_LOGICAL_AXES
 
     def init_paged_cache(self, config: QwenConfig, *, shards: int, pages_per_shard: int, page_size: int,
                          dtype: Any) -> PagedKVCache:
@@ -886,10 +737,30 @@ class QwenFamily(ModelFamily):
         return QwenPaged(config).apply({"params": params}, input_ids, index, cache,
                                        return_hidden_states=return_hidden_states)
 
-    def layout(self, config: QwenConfig) -> ModelLayout:
-        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-        return ModelLayout(tuple(_param_info(config, tuple(k.key for k in key_path))
-                                 for key_path, _ in flat), module_order=QWEN_MATRIX_MODULES)
-
 
 QWEN = register_family(QwenFamily())
+
+
+# Module-level forms of the family's parameter functions (callers predating the registry).
+def lm_head_weight(config: QwenConfig, params: Mapping[str, Any]) -> Array:
+    """The output projection `[hidden, vocab]` (param dtype): `lm_head/kernel`, or
+    `embed_tokens/embedding.T` when tied; `hidden @ lm_head_weight` gives the logits."""
+    return QWEN.lm_head_weight(config, params)
+
+
+def param_logical_axes(config: QwenConfig) -> Any:
+    """A pytree like the params of `PartitionSpec`s of logical axis names (nothing allocated)."""
+    return QWEN.param_logical_axes(config)
+
+
+def abstract_params(config: QwenConfig) -> Any:
+    """`jax.ShapeDtypeStruct` leaves of the (unboxed) params tree, without allocating."""
+    return QWEN.abstract_params(config)
+
+
+def init_params(config: QwenConfig, rng: Array, shardings: Any = None) -> Any:
+    """Randomly initialised params (plain arrays): kernels and embeddings ~ N(0,
+    initializer_range), biases 0, norm scales 1; created directly in `shardings` (a pytree like
+    `sharding.param_shardings(config, mesh)`) by a jitted init."""
+    return jax.jit(lambda key: QWEN.init_params(config, key), out_shardings=shardings)(rng)
+

@@ -71,19 +71,22 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from effopd_jax.models import moe
+from effopd_jax.models.decoder import (
+    DecoderConfig, DecoderFamily, embed_tokens, global_param_info, layer_rows,
+    lm_output,
+)
 from effopd_jax.models.family import (
-    BIAS, CONV, DECAY, EMBEDDING, LM_HEAD, MATRIX, NORM, ModelFamily, ModelLayout, ParamInfo,
-    UnsupportedConfigError, read_hf_config, register_family,
+    BIAS, CONV, DECAY, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, AttentionMask, Linear, Weight, apply_rope, attention,
+    REMAT_POLICY_FNS, AttentionMask, Linear, Weight, apply_rope, attention,
     constrain, rope_cos_sin,
 )
 
@@ -108,10 +111,10 @@ QWEN3_5_MATRIX_MODULES = (
     "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
     "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj",
 )
-# HF tensor-name prefix of the language model in each checkpoint layout.
-_HF_PREFIX = {MULTIMODAL_MODEL_TYPE: "model.language_model.", TEXT_MODEL_TYPE: "model."}
+# HF tensor-name prefix of the language model in each checkpoint layout (multimodal or not).
+_HF_PREFIX = {True: "model.language_model.", False: "model."}
 # Tensors of a checkpoint that belong to it but not to this model (carried through unchanged).
-_CARRIED_PREFIXES = {MULTIMODAL_MODEL_TYPE: ("model.visual.", "mtp."), TEXT_MODEL_TYPE: ("mtp.",)}
+_CARRIED_PREFIXES = {True: ("model.visual.", "mtp."), False: ("mtp.",)}
 _ARCHITECTURE = {MULTIMODAL_MODEL_TYPE: "Qwen3_5ForConditionalGeneration",
                  TEXT_MODEL_TYPE: "Qwen3_5ForCausalLM"}
 # config.json keys that describe the file rather than the model; not kept in hf_extra.
@@ -130,16 +133,6 @@ _MODELLED_TEXT_KEYS = frozenset({
 })
 
 
-def _canonical_dtype(value: DType, field: str) -> jnp.dtype:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"Qwen3_5Config.{field}: {value!r} is not a dtype") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"Qwen3_5Config.{field} must be a floating dtype, got {dtype}")
-    return dtype
-
-
 def default_layer_types(num_layers: int, interval: int = DEFAULT_FULL_ATTENTION_INTERVAL
                         ) -> tuple[str, ...]:
     """transformers' default pattern: every `interval`-th layer full attention, the rest linear."""
@@ -152,7 +145,7 @@ def _canonical_json(value: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3_5Config:
+class Qwen3_5Config(DecoderConfig):
     """Architecture of a Qwen3.5 / Qwen3.6 dense hybrid decoder plus runtime options.
 
     Architecture fields use the Hugging Face (text config) names. `model_type` says which
@@ -200,23 +193,22 @@ class Qwen3_5Config:
     remat: str = "none"
     attention_impl: str = "auto"
 
+    # The two checkpoint layouts of the family (a subclass reading other model types sets them).
+    MULTIMODAL_TYPE: ClassVar[str] = MULTIMODAL_MODEL_TYPE
+    TEXT_TYPE: ClassVar[str] = TEXT_MODEL_TYPE
+    # Whether each layer's feed-forward is the sparse mixture-of-experts block (Qwen3.5-MoE).
+    SPARSE_MOE: ClassVar[bool] = False
+
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
-        set_("dtype", _canonical_dtype(self.dtype, "dtype"))
-        if isinstance(self.eos_token_id, list):
-            set_("eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-                     "linear_num_key_heads", "linear_num_value_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"Qwen3_5Config.{name} must be a positive int, got {value!r}")
-        if self.model_type not in QWEN3_5_MODEL_TYPES:
+        self._check_decoder_fields((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads"))
+        if self.model_type not in (self.MULTIMODAL_TYPE, self.TEXT_TYPE):
             raise UnsupportedConfigError(
-                f"Qwen3_5Config.model_type {self.model_type!r} is not supported "
-                f"(supported: {QWEN3_5_MODEL_TYPES})")
+                f"{type(self).__name__}.model_type {self.model_type!r} is not supported "
+                f"(supported: {(self.MULTIMODAL_TYPE, self.TEXT_TYPE)})")
         layer_types = tuple(self.layer_types) or default_layer_types(self.num_hidden_layers)
         set_("layer_types", layer_types)
         if len(layer_types) != self.num_hidden_layers:
@@ -226,10 +218,6 @@ class Qwen3_5Config:
         if unknown:
             raise UnsupportedConfigError(
                 f"config field layer_types: {unknown} not implemented (only {LAYER_TYPES})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Qwen3_5Config.num_attention_heads ({self.num_attention_heads}) must be a "
-                f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ValueError(
                 f"Qwen3_5Config.linear_num_value_heads ({self.linear_num_value_heads}) must be a "
@@ -241,20 +229,21 @@ class Qwen3_5Config:
             raise ValueError(
                 f"Qwen3_5Config: rotary_dim = int(head_dim * partial_rotary_factor) = "
                 f"{self.rotary_dim} must be even and >= 2")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"Qwen3_5Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Qwen3_5Config.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
         extra = json.loads(self.hf_extra) if self.hf_extra else {}
         if not isinstance(extra, dict) or set(extra) - {"config", "text_config"}:
             raise ValueError("Qwen3_5Config.hf_extra must be JSON of "
                              '{"config": {...}, "text_config": {...}}')
         set_("hf_extra", _canonical_json(extra) if extra else "")
-        if self.model_type == MULTIMODAL_MODEL_TYPE and "vision_config" not in extra.get("config", {}):
+        if self.is_multimodal and "vision_config" not in extra.get("config", {}):
             raise ValueError(
-                "Qwen3_5Config: model_type 'qwen3_5' (the multimodal checkpoint layout) needs the "
-                "checkpoint's vision_config in hf_extra; build it with Qwen3_5Config.from_hf")
+                f"{type(self).__name__}: model_type {self.model_type!r} (the multimodal checkpoint "
+                f"layout) needs the checkpoint's vision_config in hf_extra; build it with "
+                f"{type(self).__name__}.from_hf")
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether the config reads and writes the multimodal checkpoint layout."""
+        return self.model_type == self.MULTIMODAL_TYPE
 
     # Derived sizes ---------------------------------------------------------------------------
     @property
@@ -426,38 +415,13 @@ class Qwen3_5Config:
                             else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         })
-        if self.model_type == TEXT_MODEL_TYPE:
+        if not self.is_multimodal:
             return {"architectures": [_ARCHITECTURE[TEXT_MODEL_TYPE]], **text}
         return {**extra.get("config", {}),
                 "architectures": [_ARCHITECTURE[MULTIMODAL_MODEL_TYPE]],
                 "model_type": MULTIMODAL_MODEL_TYPE,
                 "tie_word_embeddings": self.tie_word_embeddings,
                 "text_config": text}
-
-    # ----------------------------------------------------------------------------------------
-    # Plain JSON (orbax checkpoints store the config next to the params)
-    # ----------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as JSON-serialisable values (dtypes by name, tuples as lists)."""
-        out = dataclasses.asdict(self)
-        out["param_dtype"] = jnp.dtype(self.param_dtype).name
-        out["dtype"] = jnp.dtype(self.dtype).name
-        out["layer_types"] = list(self.layer_types)
-        if isinstance(self.eos_token_id, tuple):
-            out["eos_token_id"] = list(self.eos_token_id)
-        return out
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any], **overrides) -> "Qwen3_5Config":
-        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"Qwen3_5Config.from_dict: unknown fields {unknown}")
-        fields = dict(fields)
-        if "layer_types" in fields:
-            fields["layer_types"] = tuple(fields["layer_types"])
-        return cls(**{**fields, **overrides})
 
 
 def _read_rope(text: Mapping[str, Any], where: str) -> tuple[float, float, dict[str, Any]]:
@@ -945,8 +909,17 @@ class DecoderLayer(nn.Module):
             out, layer_cache = GatedAttention(cfg, name="self_attn")(
                 mixer_in, cos, sin, mask, layer_cache, cache_index)
         hidden = constrain(hidden + out, ("act_batch", "act_length", "act_embed"))
-        hidden = hidden + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(hidden))
-        return constrain(hidden, ("act_batch", "act_length", "act_embed")), layer_cache
+        ffn_in = norm("post_attention_layernorm")(hidden)
+        if cfg.SPARSE_MOE:  # Qwen3.5-MoE: routed experts plus the gated shared expert
+            token_mask = None if real is None else _gather_rows(real.mask, real.inverse)
+            ffn_out = moe.SparseMoeBlock(
+                cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, True,
+                cfg.dtype, cfg.param_dtype, cfg.initializer_range,
+                shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                impl=cfg.moe_impl, name="mlp")(ffn_in, token_mask)
+        else:
+            ffn_out = MLP(cfg, name="mlp")(ffn_in)
+        return constrain(hidden + ffn_out, ("act_batch", "act_length", "act_embed")), layer_cache
 
 
 def _layer_class(cfg: Qwen3_5Config):
@@ -1067,10 +1040,7 @@ class Qwen3_5(nn.Module):
                 positions = jnp.maximum(running, 0)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
 
-        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
-        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        embedding, hidden = embed_tokens(cfg, input_ids)
         cache_index = None if cache is None else cache.index
         caches = None if cache is None else (cache.k, cache.v, cache.conv, cache.recurrent)
 
@@ -1081,7 +1051,7 @@ class Qwen3_5(nn.Module):
                 caches = tuple(x.reshape((blocks, x.shape[0] // blocks) + x.shape[1:]) for x in caches)
             scanned = nn.scan(
                 LayerBlock,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, moe.STATS_COLLECTION: 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=blocks,
@@ -1107,48 +1077,11 @@ class Qwen3_5(nn.Module):
                 caches = _stack_layer_caches(caches, new)
 
         hidden = ZeroCenteredRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
-        # Declared even when only hidden states are returned, so `init` builds the whole tree.
-        head = (embedding.T if cfg.tie_word_embeddings else
-                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
-        if return_hidden_states:
-            out = hidden
-        else:
-            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype),
-                             preferred_element_type=jnp.float32)
-            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        out = lm_output(cfg, hidden, embedding, return_hidden_states)
         if cache is None:
             return out
         k, v, conv, recurrent = caches
         return out, Qwen3_5Cache(k=k, v=v, conv=conv, recurrent=recurrent, index=cache.index + seq)
-
-
-# ============================================================================================
-# Parameter helpers
-# ============================================================================================
-def lm_head_weight(config: Qwen3_5Config, params: Mapping[str, Any]) -> Array:
-    """The output projection `[hidden, vocab]` (param dtype): `lm_head/kernel`, or
-    `embed_tokens/embedding.T` when tied."""
-    if config.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
-
-
-def _init_variables(config: Qwen3_5Config, rng: Array) -> dict[str, Any]:
-    return Qwen3_5(config).init(rng, jnp.zeros((1, 1), jnp.int32))
-
-
-def param_logical_axes(config: Qwen3_5Config) -> Any:
-    """A pytree like the params of `PartitionSpec`s of logical axis names (nothing allocated)."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-    return nn.get_partition_spec(abstract)["params"]
-
-
-def abstract_params(config: Qwen3_5Config) -> Any:
-    """`jax.ShapeDtypeStruct` leaves of the (unboxed) params tree, without allocating."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-    return nn.unbox(abstract)["params"]
 
 
 # ============================================================================================
@@ -1160,28 +1093,13 @@ _HF_LEAF_SUFFIX = {"kernel": "weight", "scale": "weight", "centered_scale": "wei
 
 
 def _param_info(config: Qwen3_5Config, path: tuple[str, ...]) -> ParamInfo:
-    prefix = _HF_PREFIX[config.model_type]
-    head, leaf = path[0], path[-1]
-    if head == "embed_tokens":
-        return ParamInfo(path, EMBEDDING, "embed_tokens", "embedding", (), (),
-                         (f"{prefix}embed_tokens.weight",), False, extrapolate=False)
-    if head == "lm_head":
-        return ParamInfo(path, LM_HEAD, "lm_head", "head", (), (), ("lm_head.weight",), True,
-                         extrapolate=False)
-    if head == "norm":
-        return ParamInfo(path, NORM, "norm", "norm", (), (), (f"{prefix}norm.weight",), False,
-                         extrapolate=False)
-    if head == "layers":  # scanned: layers/sub_{j}/...
-        j = int(path[1].removeprefix("sub_"))
-        layers = tuple(range(j, config.num_hidden_layers, config.layer_period))
-        stack_axes: tuple[str, ...] = ("layers",)
-        inner = path[2:-1]
-    elif head.startswith("layers_"):
-        layers = (int(head.removeprefix("layers_")),)
-        stack_axes = ()
-        inner = path[1:-1]
-    else:
-        raise ValueError(f"no layout entry for the Qwen3.5 parameter {'/'.join(path)}")
+    prefix = _HF_PREFIX[config.is_multimodal]
+    info = global_param_info(path, prefix)
+    if info is not None:
+        return info
+    leaf = path[-1]
+    # Scanned: layers/sub_{j}/... holds layers j, j + period, ...
+    layers, stack_axes, inner = layer_rows(path, config.num_hidden_layers, config.layer_period)
     module = "/".join(inner + ((leaf,) if leaf in ("A_log", "dt_bias") else ()))
     hf_module = ".".join(inner)
     names = tuple(f"{prefix}layers.{i}.{hf_module}.{_HF_LEAF_SUFFIX[leaf]}" for i in layers)
@@ -1206,33 +1124,17 @@ def _param_info(config: Qwen3_5Config, path: tuple[str, ...]) -> ParamInfo:
                      transpose=leaf == "kernel", extrapolate=extrapolate)
 
 
-class Qwen3_5Family(ModelFamily):
+class Qwen3_5Family(DecoderFamily):
     """Qwen3.5 / Qwen3.6 dense hybrids (HF `model_type` `qwen3_5`, `qwen3_5_text`)."""
 
     name = "qwen3_5"
     model_types = QWEN3_5_MODEL_TYPES
+    config_class = Qwen3_5Config
+    module_class = Qwen3_5
+    matrix_modules = QWEN3_5_MATRIX_MODULES
 
-    def config_from_hf(self, hf: Mapping[str, Any], **runtime: Any) -> Qwen3_5Config:
-        return Qwen3_5Config.from_hf(hf, **runtime)
-
-    def config_from_dict(self, fields: Mapping[str, Any], **overrides: Any) -> Qwen3_5Config:
-        return Qwen3_5Config.from_dict(fields, **overrides)
-
-    def apply(self, config: Qwen3_5Config, params: Any, input_ids: Array, *,
-              positions: Array | None = None, attention_mask: Array | None = None,
-              cache: Qwen3_5Cache | None = None, return_hidden_states: bool = False) -> Any:
-        return Qwen3_5(config).apply({"params": params}, input_ids, positions=positions,
-                                     attention_mask=attention_mask,
-                                     return_hidden_states=return_hidden_states, cache=cache)
-
-    def init_params(self, config: Qwen3_5Config, rng: Array) -> Any:
-        return nn.unbox(_init_variables(config, rng))["params"]
-
-    def param_logical_axes(self, config: Qwen3_5Config) -> Any:
-        return param_logical_axes(config)
-
-    def lm_head_weight(self, config: Qwen3_5Config, params: Mapping[str, Any]) -> Array:
-        return lm_head_weight(config, params)
+    def param_info(self, config: Qwen3_5Config, path: tuple[str, ...]) -> ParamInfo:
+        return _param_info(config, path)
 
     def init_cache(self, config: Qwen3_5Config, batch: int, max_len: int, dtype: Any) -> Qwen3_5Cache:
         return init_cache(config, batch, max_len, dtype)
@@ -1243,15 +1145,10 @@ class Qwen3_5Family(ModelFamily):
                             recurrent=("layers", "act_batch", "act_linear_heads", None, None),
                             index=())
 
-    def layout(self, config: Qwen3_5Config) -> ModelLayout:
-        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-        return ModelLayout(tuple(_param_info(config, tuple(k.key for k in key_path))
-                                 for key_path, _ in flat), module_order=QWEN3_5_MATRIX_MODULES)
-
     def carried_hf_prefixes(self, config: Qwen3_5Config) -> tuple[str, ...]:
         # The vision tower and the multi-token-prediction head: part of the published
         # checkpoints, not of this (text, next-token) model.
-        return _CARRIED_PREFIXES[config.model_type]
+        return _CARRIED_PREFIXES[config.is_multimodal]
 
 
 QWEN3_5 = register_family(Qwen3_5Family())

@@ -34,15 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from effopd_jax.models import moe
+from effopd_jax.models.decoder import (
+    DecoderConfig, DecoderFamily, embed_tokens, expert_stack_info,
+    global_param_info, layer_rows, lm_output,
+)
 from effopd_jax.models.family import (
-    BIAS, EMBEDDING, LM_HEAD, MATRIX, NORM, AuxOutput, ModelFamily, ModelLayout, ParamInfo,
-    UnsupportedConfigError, read_hf_config, register_family,
+    BIAS, MATRIX, NORM, ParamInfo, UnsupportedConfigError, read_hf_config, register_family,
 )
 from effopd_jax.models.layers import (
-    ATTENTION_IMPLS, REMAT_POLICIES, REMAT_POLICY_FNS, RMSNorm, Weight, constrain, rope_cos_sin,
+    REMAT_POLICY_FNS, RMSNorm, constrain, rope_cos_sin,
 )
 from effopd_jax.models.qwen import (
-    MLP, Attention, KVCache, _rope_theta, cache_layer, decoder_inputs, init_cache, with_cache_layer,
+    KV_CACHE_LOGICAL_AXES, MLP, Attention, KVCache, _rope_theta, cache_layer, decoder_inputs, init_cache,
+    with_cache_layer,
 )
 
 Array = jax.Array
@@ -58,18 +62,8 @@ QWEN3_MOE_MATRIX_MODULES = (
 )
 
 
-def _canonical_dtype(value: DType, field: str) -> jnp.dtype:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"Qwen3MoeConfig.{field}: {value!r} is not a dtype") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"Qwen3MoeConfig.{field} must be a floating dtype, got {dtype}")
-    return dtype
-
-
 @dataclasses.dataclass(frozen=True)
-class Qwen3MoeConfig:
+class Qwen3MoeConfig(DecoderConfig):
     """Architecture of a Qwen3-MoE decoder plus runtime options (HF field names).
 
     Architecture: the Qwen3 fields, plus `num_experts`, `num_experts_per_tok` (top-k),
@@ -121,17 +115,12 @@ class Qwen3MoeConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
-        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype, "dtype"))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "moe_intermediate_size", "decoder_sparse_step", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"Qwen3MoeConfig.{name} must be a positive int, got {value!r}")
+        self._check_decoder_fields((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "moe_intermediate_size", "decoder_sparse_step",
+            "num_experts_per_tok"))
+        self._check_router_fields()
         if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts < 0:
             raise ValueError(f"Qwen3MoeConfig.num_experts must be an int >= 0, got {self.num_experts!r}")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
@@ -139,25 +128,10 @@ class Qwen3MoeConfig:
                              f"exceeds num_experts ({self.num_experts})")
         if self.head_dim % 2:
             raise ValueError(f"Qwen3MoeConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Qwen3MoeConfig.num_attention_heads ({self.num_attention_heads}) must be a "
-                f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"Qwen3MoeConfig.mlp_only_layers has layers {bad} outside "
                              f"[0, {self.num_hidden_layers})")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"Qwen3MoeConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Qwen3MoeConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
-        if self.moe_impl not in moe.MOE_IMPLS:
-            raise ValueError(f"Qwen3MoeConfig.moe_impl must be one of {moe.MOE_IMPLS}, got {self.moe_impl!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or not np.isfinite(value):
-                raise ValueError(f"Qwen3MoeConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.model_type not in QWEN3_MOE_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"Qwen3MoeConfig.model_type {self.model_type!r} is not supported "
@@ -298,25 +272,6 @@ class Qwen3MoeConfig:
             "pad_token_id": self.pad_token_id,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as JSON-serialisable values (dtypes by name)."""
-        out = dataclasses.asdict(self)
-        out["param_dtype"] = jnp.dtype(self.param_dtype).name
-        out["dtype"] = jnp.dtype(self.dtype).name
-        out["mlp_only_layers"] = list(self.mlp_only_layers)
-        if isinstance(self.eos_token_id, tuple):
-            out["eos_token_id"] = list(self.eos_token_id)
-        return out
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any], **overrides) -> "Qwen3MoeConfig":
-        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"Qwen3MoeConfig.from_dict: unknown fields {unknown}")
-        return cls(**{**fields, **overrides})
-
 
 # ============================================================================================
 # Layers
@@ -369,10 +324,7 @@ class Qwen3Moe(nn.Module):
                       else jax.lax.dynamic_slice_in_dim(key_valid, cache.index, seq, axis=1))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-        embedding = Weight("embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                           cfg.initializer_range, cfg.param_dtype, name="embed_tokens")()
-        hidden = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
+        embedding, hidden = embed_tokens(cfg, input_ids)
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -402,16 +354,7 @@ class Qwen3Moe(nn.Module):
             layer_caches = None if cache is None else (new_k, new_v)
 
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_embed"))
-        head = (embedding.T if cfg.tie_word_embeddings else
-                Weight("kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.initializer_range, cfg.param_dtype, name="lm_head")())
-        if return_hidden_states:
-            out = hidden
-        else:
-            out = jnp.einsum("bsh,hv->bsv", hidden, head.astype(cfg.dtype),
-                             preferred_element_type=jnp.float32)
-            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        out = lm_output(cfg, hidden, embedding, return_hidden_states)
         if cache is None:
             return out
         return out, KVCache(k=layer_caches[0], v=layer_caches[1], index=cache.index + seq)
@@ -420,123 +363,51 @@ class Qwen3Moe(nn.Module):
 # ============================================================================================
 # Parameters and the family
 # ============================================================================================
-def _init_variables(config: Qwen3MoeConfig, rng: Array) -> dict[str, Any]:
-    return Qwen3Moe(config).init(rng, jnp.zeros((1, 1), jnp.int32))
-
-
-def abstract_params(config: Qwen3MoeConfig) -> Any:
-    """`jax.ShapeDtypeStruct` leaves of the (unboxed) params tree, without allocating."""
-    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-    return nn.unbox(abstract)["params"]
-
-
 def _param_info(config: Qwen3MoeConfig, path: tuple[str, ...]) -> ParamInfo:
-    head, leaf = path[0], path[-1]
-    if head == "embed_tokens":
-        return ParamInfo(path, EMBEDDING, "embed_tokens", "embedding", (), (),
-                         ("model.embed_tokens.weight",), False, extrapolate=False)
-    if head == "lm_head":
-        return ParamInfo(path, LM_HEAD, "lm_head", "head", (), (), ("lm_head.weight",), True,
-                         extrapolate=False)
-    if head == "norm":
-        return ParamInfo(path, NORM, "norm", "norm", (), (), ("model.norm.weight",), False,
-                         extrapolate=False)
-    if head == "layers":
-        layers = tuple(range(config.num_hidden_layers))
-        stack_axes: tuple[str, ...] = ("layers",)
-    elif head.startswith("layers_"):
-        layers = (int(head.removeprefix("layers_")),)
-        stack_axes = ()
-    else:
-        raise ValueError(f"no layout entry for the Qwen3-MoE parameter {'/'.join(path)}")
-    module = "/".join(path[1:-1])
+    info = global_param_info(path)
+    if info is not None:
+        return info
+    leaf = path[-1]
+    layers, stack_axes, inner = layer_rows(path, config.num_hidden_layers)
+    module, hf_module = "/".join(inner), ".".join(inner)
     suffix = "bias" if leaf == "bias" else "weight"
-    hf_module = ".".join(path[1:-1])
-    if module.startswith("mlp/experts/"):
-        experts = config.num_experts
-        names = tuple(f"model.layers.{layer}.mlp.experts.{e}.{path[-2]}.{suffix}"
-                      for layer in layers for e in range(experts))
-        return ParamInfo(path, MATRIX, module, "mlp", layers, stack_axes + ("experts",), names,
-                         transpose=True, extrapolate=True, experts=experts)
     names = tuple(f"model.layers.{layer}.{hf_module}.{suffix}" for layer in layers)
+    if module.startswith("mlp/experts/"):
+        info = ParamInfo(path, MATRIX, module, "mlp", layers, stack_axes, names, transpose=True,
+                         extrapolate=True)
+        return expert_stack_info(info, config.num_experts)
     if module == "mlp/gate":
         # The router: a matrix of its own group, not extrapolated by EffOPD by default
         # (docs/architecture.md#mixture-of-experts).
         return ParamInfo(path, MATRIX, module, "router", layers, stack_axes, names,
                          transpose=True, extrapolate=False)
     role = {"kernel": MATRIX, "bias": BIAS, "scale": NORM}[leaf]
-    group = {"self_attn": "attention", "mlp": "mlp"}.get(module.split("/")[0], "norm")
+    group = {"self_attn": "attention", "mlp": "mlp"}.get(inner[0], "norm")
     # The authors' substring rule, as for dense Qwen (qwen._param_info).
     extrapolate = group in ("attention", "mlp") or module == "post_attention_layernorm"
     return ParamInfo(path, role, module, group, layers, stack_axes, names,
                      transpose=leaf == "kernel", extrapolate=extrapolate)
 
 
-def _moe_aux(config: Qwen3MoeConfig, stats: moe.RouterStats | None) -> AuxOutput:
-    zero = jnp.zeros((), jnp.float32)
-    if stats is None:  # no sparse layer
-        return AuxOutput(zero, {})
-    balance = moe.load_balancing_loss(stats)
-    z_loss = moe.router_z_loss(stats)
-    aux_coef = config.router_aux_loss_coef if config.output_router_logits else 0.0
-    loss = aux_coef * balance + config.router_z_loss_coef * z_loss
-    return AuxOutput(loss.astype(jnp.float32), {"moe/load_balancing_loss": balance,
-                                                "moe/router_z_loss": z_loss})
-
-
-class Qwen3MoeFamily(ModelFamily):
-    """Qwen3-MoE decoders (HF `model_type` `qwen3_moe`)."""
+class Qwen3MoeFamily(DecoderFamily):
+    """Qwen3-MoE decoders (HF `model_type` `qwen3_moe`); the router losses of
+    `forward_with_aux` come with `DecoderFamily`."""
 
     name = "qwen3_moe"
     model_types = QWEN3_MOE_MODEL_TYPES
+    config_class = Qwen3MoeConfig
+    module_class = Qwen3Moe
+    matrix_modules = QWEN3_MOE_MATRIX_MODULES
+    packing = True
 
-    def config_from_hf(self, hf: Mapping[str, Any], **runtime: Any) -> Qwen3MoeConfig:
-        return Qwen3MoeConfig.from_hf(hf, **runtime)
-
-    def config_from_dict(self, fields: Mapping[str, Any], **overrides: Any) -> Qwen3MoeConfig:
-        return Qwen3MoeConfig.from_dict(fields, **overrides)
-
-    def apply(self, config: Qwen3MoeConfig, params: Any, input_ids: Array, *,
-              positions: Array | None = None, attention_mask: Array | None = None,
-              cache: KVCache | None = None, return_hidden_states: bool = False,
-              segment_ids: Array | None = None) -> Any:
-        return Qwen3Moe(config).apply({"params": params}, input_ids, positions=positions,
-                                      attention_mask=attention_mask,
-                                      return_hidden_states=return_hidden_states, cache=cache,
-                                      segment_ids=segment_ids)
-
-    def apply_with_aux(self, config: Qwen3MoeConfig, params: Any, input_ids: Array, *,
-                       positions: Array | None = None, attention_mask: Array | None = None,
-                       return_hidden_states: bool = False) -> tuple[Any, AuxOutput]:
-        out, variables = Qwen3Moe(config).apply(
-            {"params": params}, input_ids, positions=positions, attention_mask=attention_mask,
-            return_hidden_states=return_hidden_states, mutable=[moe.STATS_COLLECTION])
-        stats = moe.collect_router_stats(variables.get(moe.STATS_COLLECTION, {}))
-        return out, _moe_aux(config, stats)
-
-    def init_params(self, config: Qwen3MoeConfig, rng: Array) -> Any:
-        return nn.unbox(_init_variables(config, rng))["params"]
-
-    def param_logical_axes(self, config: Qwen3MoeConfig) -> Any:
-        abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
-        return nn.get_partition_spec(abstract)["params"]
-
-    def lm_head_weight(self, config: Qwen3MoeConfig, params: Mapping[str, Any]) -> Array:
-        if config.tie_word_embeddings:
-            return params["embed_tokens"]["embedding"].T
-        return params["lm_head"]["kernel"]
+    def param_info(self, config: Qwen3MoeConfig, path: tuple[str, ...]) -> ParamInfo:
+        return _param_info(config, path)
 
     def init_cache(self, config: Qwen3MoeConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
         return init_cache(config, batch, max_len, dtype)
 
     def cache_logical_axes(self, config: Qwen3MoeConfig) -> KVCache:
-        kv = ("layers", "act_batch", "act_length", "act_kv_heads", None)
-        return KVCache(k=kv, v=kv, index=())
-
-    def layout(self, config: Qwen3MoeConfig) -> ModelLayout:
-        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-        return ModelLayout(tuple(_param_info(config, tuple(k.key for k in key_path))
-                                 for key_path, _ in flat), module_order=QWEN3_MOE_MATRIX_MODULES)
+        return KV_CACHE_LOGICAL_AXES
 
 
 QWEN3_MOE = register_family(Qwen3MoeFamily())

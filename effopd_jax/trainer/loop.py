@@ -572,7 +572,8 @@ class Trainer:
         """Writes the student as an HF checkpoint (config, safetensors, tokenizer) in
         ``student.param_dtype`` (for adapters: the merge W + s·A·B, and the frozen rest cast up);
         tensors of the student's own HF checkpoint that its family does not use (e.g. Qwen3.5's
-        vision tower and MTP head) are copied from it unchanged."""
+        vision tower and MTP head) are copied from it unchanged, and leaves stored in two forms
+        (Qwen3.5-MoE's experts, fused or per expert) are written in its form."""
         params = jax.tree.map(to_host, self.student_params())
         if self.is_main:
             source = self.config.student.path

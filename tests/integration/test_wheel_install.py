@@ -18,7 +18,6 @@ import sys
 import sysconfig
 import zipfile
 
-import pytest
 
 from helpers_tiny import REPO_ROOT
 # What the source tree holds next to the library: copied so the wheel build sees them, and

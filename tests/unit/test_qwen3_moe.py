@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 from effopd_jax import models, monitor, objectives, rollout, sampling
 from effopd_jax import sharding as sharding_lib
 from effopd_jax.config import default_config
-from effopd_jax.models import hf, moe, qwen3_moe
+from effopd_jax.models import hf, moe
 from effopd_jax.models.qwen import QwenConfig
 from effopd_jax.models.qwen3_moe import Qwen3MoeConfig
 from effopd_jax.objectives import LossSettings, OPDBatch
@@ -102,7 +102,7 @@ def test_router_losses_match_transformers(checkpoints):
                                                                        jnp.asarray(mask))), atol=1e-6)
     # HF's default (output_router_logits false): the statistics are reported, nothing is added.
     stats = moe.RouterStats(jnp.full((8,), 3.0), jnp.full((8,), 1.5), jnp.asarray(2.0), jnp.asarray(12.0))
-    off = qwen3_moe._moe_aux(dataclasses.replace(config, output_router_logits=False, router_z_loss_coef=0.0), stats)
+    off = moe.router_aux_output(dataclasses.replace(config, output_router_logits=False, router_z_loss_coef=0.0), stats)
     assert float(off.loss) == 0.0 and float(off.metrics["moe/load_balancing_loss"]) == pytest.approx(8 * 8 * 0.25 * 0.125)
 
 
