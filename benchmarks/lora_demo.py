@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     print(f"initial accuracy {mean_std([r['initial'] for r in rows])}; top-{args.rank} energy of full OPD's "
           f"final update {mean_std([r['full_update_top_rank_energy'] for r in rows])}")
     print("| arm | final accuracy | steps to target | reached | wall-clock to target s | train wall-clock s "
-          f"| optimizer state |")
+          "| optimizer state |")
     print("|---|---|---|---|---|---|---|")
     for arm in ARMS + ((MERGED_ARM,) if args.merged else ()):
         cells = [r[arm] for r in rows]

@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     base = np.median(times["static"])
     static_occupancy = total / (args.slots * sum(wave_max))
     print("| contender | tokens/s (median) | best | speed-up | decode steps | ms / decode step | slot occupancy "
-          f"| host calls | host share | peak program memory | KV cache |")
+          "| host calls | host share | peak program memory | KV cache |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in contenders:
         median, best = np.median(times[name]), np.min(times[name])
